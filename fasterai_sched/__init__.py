@@ -1,0 +1,12 @@
+"""fasterai_sched: make networks sparse while they train with fastai, on the schedule you choose."""
+__version__ = '0.1.0'
+from .granularity import register_granularity, granularity_names
+from .criteria import *
+from .criteria import __all__ as _criteria_all
+from .schedules import one_shot, iterative, agp, one_cycle, cos, lin, dsd, plot_schedules
+from .sparsifier import Sparsifier
+from .report import sparsity_report
+
+__all__ = ['Sparsifier', 'sparsity_report', 'register_granularity', 'granularity_names',
+           'one_shot', 'iterative', 'agp', 'one_cycle', 'cos', 'lin', 'dsd', 'plot_schedules',
+           *[n for n in _criteria_all if n != 'CRITERIA']]

@@ -1,0 +1,271 @@
+"""Sparsifier: scores -> exact-count selection (local or global) -> boolean masks -> applied to the weights."""
+from __future__ import annotations
+import math
+from fractions import Fraction
+from numbers import Real
+import torch, torch.nn as nn
+from .granularity import Granularity, get_granularity
+from .criteria import Criteria, CRITERIA, large_final
+
+__all__ = ['Sparsifier', 'lowest_k', 'n_to_prune', 'check_sparsity', 'unwrap_model']
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    "The model inside a DistributedDataParallel or DataParallel wrapper."
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
+    return model
+
+
+def check_sparsity(value, name: str = 'sparsity') -> float:
+    "`value` as a float percent in [0, 100], or a clear error naming `name`."
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name}={value!r} must be a number, a percentage in [0, 100]")
+    if not 0 <= value <= 100:  # NaN fails this too
+        raise ValueError(f"{name}={value!r} is outside [0, 100]; sparsity is a percentage (90 means 90%)")
+    return float(value)
+
+
+def n_to_prune(sparsity: float, n: int) -> int:
+    "Exactly floor(sparsity/100 * n), computed without floating-point error."
+    return math.floor(Fraction(sparsity) * n / 100)
+
+
+def _kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    "The k-th smallest of a 1-d tensor (1-based), as a 0-d tensor, without a host sync."
+    if scores.device.type == 'cpu': return scores.kthvalue(k).values
+    # kthvalue is slow on CUDA and quantile refuses large inputs: topk of the smaller side instead
+    n = scores.numel()
+    if k <= n - k + 1: return scores.topk(k, largest=False, sorted=False).values.max()
+    return scores.topk(n - k + 1, sorted=False).values.min()
+
+
+def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    "Boolean mask of exactly the `k` lowest of a 1-d tensor; among equal scores the lower index goes first."
+    n = scores.numel()
+    if k <= 0: return torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if k >= n: return torch.ones(n, dtype=torch.bool, device=scores.device)
+    t = _kth_smallest(scores, k)
+    below, tied = scores < t, scores == t
+    if scores.device.type != 'cpu':  # stays on the device: no host sync
+        return below | (tied & (tied.cumsum(0) <= k - below.sum()))
+    below[tied.nonzero().squeeze(1)[:k - int(below.count_nonzero())]] = True
+    return below
+
+
+def _following_batchnorm(model: nn.Module) -> dict[nn.Module, nn.Module]:
+    "Each leaf module mapped to the BatchNorm that directly follows it in definition order, if any."
+    leaves = [m for m in model.modules() if not list(m.children())]
+    return {a: b for a, b in zip(leaves, leaves[1:]) if isinstance(b, nn.modules.batchnorm._BatchNorm)}
+
+
+class Sparsifier:
+    "Prunes the `layer_type` layers of `model` to exact sparsities and keeps pruned weights at zero."
+    def __init__(self, model: nn.Module, granularity: str | Granularity = 'weight', context: str = 'local',
+                 criteria: Criteria | str = large_final, layer_type: type = nn.Conv2d, round_to: int | None = None,
+                 seed: int = 0):
+        if context not in ('local', 'global'):
+            raise ValueError(f"context={context!r} is not allowed; use 'local' or 'global'")
+        if isinstance(criteria, str):
+            if criteria not in CRITERIA: raise ValueError(f"criteria={criteria!r} is not known; valid: {sorted(CRITERIA)}")
+            criteria = CRITERIA[criteria]
+        if not isinstance(criteria, Criteria):
+            raise TypeError(f"criteria={criteria!r} must be a Criteria (such as large_final) or one of {sorted(CRITERIA)}")
+        if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
+            raise TypeError(f"layer_type={layer_type!r} must be an nn.Module subclass such as nn.Conv2d")
+        if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+            raise ValueError(f"round_to={round_to!r} must be None or a positive integer")
+        self.model, self.context, self.criteria, self.round_to, self.seed = unwrap_model(model), context, criteria, round_to, seed
+        self.layers = {n: m for n, m in self.model.named_modules()
+                       if isinstance(m, layer_type) and isinstance(getattr(m, 'weight', None), torch.Tensor)}
+        if not self.layers:
+            raise ValueError(f"layer_type={layer_type.__name__}: the model has no such layer with a weight to prune")
+        self.granularity = {n: get_granularity(granularity, type(m)) for n, m in self.layers.items()}
+        for n, m in self.layers.items(): self.granularity[n].check(m.weight, n)
+        self.granularity_name = next(iter(self.granularity.values())).name
+        self.masks: dict[str, torch.Tensor] = {}
+        self.n_units = {n: math.prod(self.granularity[n].unit_shape(m.weight.shape)) for n, m in self.layers.items()}
+        self.n_pruned = {n: 0 for n in self.layers}
+        self.reference: dict[str, torch.Tensor] = {}
+        self.rewind_weights: dict[str, torch.Tensor] = {}
+        self.sparsity_target: float | dict = 0.
+        self.regrown: dict[str, torch.Tensor] = {}
+        self._bn = _following_batchnorm(self.model)
+        self._targets: tuple[list, list] = ([], [])
+        if criteria.reference: self.save_reference()
+
+    # ---- weights kept aside ----
+    def _copy_weights(self) -> dict[str, torch.Tensor]:
+        return {n: m.weight.detach().clone() for n, m in self.layers.items()}
+
+    def save_reference(self) -> None:
+        "Keep the weights the criteria compares with (its 'init' or 'previous' weights)."
+        self.reference = self._copy_weights()
+
+    def save_rewind(self) -> None:
+        "Keep the current weights for lottery-ticket rewinding."
+        self.rewind_weights = self._copy_weights()
+
+    def rewind(self) -> None:
+        "Reset the surviving weights to those kept by `save_rewind`; pruned ones stay zero."
+        if not self.rewind_weights: raise RuntimeError("rewind() before save_rewind(): no weights were kept")
+        with torch.no_grad():
+            for n, m in self.layers.items(): m.weight.copy_(self.rewind_weights[n])
+        self.apply()
+
+    # ---- selection ----
+    def _targets_per_layer(self, sparsity) -> dict[str, float]:
+        if isinstance(sparsity, dict):
+            if self.context != 'local':
+                raise ValueError("sparsity as a dict of layer name -> percent needs context='local', "
+                                 f"got context={self.context!r}")
+            unknown = [k for k in sparsity if k not in self.layers]
+            if unknown: raise ValueError(f"sparsity names layers the model has not: {unknown}; pruned layers: {list(self.layers)}")
+            return {n: check_sparsity(sparsity.get(n, 0), f"sparsity[{n!r}]") for n in self.layers}
+        s = check_sparsity(sparsity)
+        return {n: s for n in self.layers}
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        "One score per unit for every layer, shaped as the layer's units; raises naming a layer with NaN or Inf."
+        out = {}
+        for i, (n, m) in enumerate(self.layers.items()):
+            gen = None
+            if self.criteria.seeded:  # the same draws on every process and every call: masks nest as sparsity grows
+                gen = torch.Generator(device=m.weight.device).manual_seed(self.seed * 100_003 + i)
+            out[n] = self.criteria(m.weight, self.reference.get(n), m.weight.grad, gen)
+        finite = torch.stack([s.isfinite().all() for s in out.values()]).tolist()
+        bad = [n for n, ok in zip(out, finite) if not ok]
+        if bad: raise ValueError(f"criteria {self.criteria.name} gave NaN or Inf scores for layer {bad[0]!r}")
+        return out
+
+    def _round(self, n: str, k: int, sparsity: float) -> int:
+        "Units to prune once the kept count is a multiple of `round_to` (nearest; at least one multiple below 100%)."
+        if not self.round_to or sparsity >= 100: return k
+        total = self.n_units[n]
+        kept = max(self.round_to, self.round_to * round((total - k) / self.round_to))
+        return max(0, total - min(kept, total))
+
+    def _select(self, unit_scores: dict[str, torch.Tensor], targets: dict[str, float]) -> dict[str, torch.Tensor]:
+        "Boolean 'pruned' tensor per layer (flat over units) with exact counts."
+        if self.context == 'local':
+            return {n: lowest_k(s.flatten(), self._round(n, n_to_prune(targets[n], s.numel()), targets[n]))
+                    for n, s in unit_scores.items()}
+        s = next(iter(targets.values()))
+        flat = [v.flatten() for v in unit_scores.values()]
+        sizes = [v.numel() for v in flat]
+        total, k = sum(sizes), n_to_prune(s, sum(sizes))
+        allv = torch.cat([v.to(flat[0].device) for v in flat])
+        # each layer's best unit is held back so no layer empties, as long as the count allows it
+        starts = torch.tensor([0] + sizes[:-1], device=allv.device).cumsum(0)
+        best = starts + torch.stack([v.argmax().to(allv.device) for v in flat])
+        held = torch.zeros(total, dtype=torch.bool, device=allv.device); held[best] = True
+        free = total - len(flat)
+        if k <= free: pruned = lowest_k(allv.masked_fill(held, math.inf), k)
+        else:
+            pruned = ~held
+            pruned[best] = lowest_k(allv[best], k - free)
+        out = dict(zip(unit_scores, pruned.split(sizes)))
+        if self.round_to:
+            out = {n: lowest_k(unit_scores[n].flatten(), self._round(n, int(p.sum()), s)) for n, p in out.items()}
+        return {n: p.to(unit_scores[n].device) for n, p in out.items()}
+
+    @torch.no_grad()
+    def prune(self, sparsity: float | dict, optimizer=None) -> None:
+        "Mask each layer (or all layers, globally) to `sparsity` percent of its units, then zero the pruned weights."
+        targets = self._targets_per_layer(sparsity)
+        elem = self.scores()
+        units = {n: self.granularity[n].unit_scores(e) for n, e in elem.items()}
+        pruned = self._select(units, targets)
+        new = {}
+        for n, m in self.layers.items():
+            keep = ~pruned[n].view(units[n].shape)
+            new[n] = self.granularity[n].weight_mask(keep, elem[n]).to(m.weight.device)
+        self._set_masks(new, optimizer)
+        self.n_pruned = {n: int(c) for n, c in zip(pruned, torch.stack([p.sum() for p in pruned.values()]).tolist())}
+        self.sparsity_target = sparsity
+        if self.criteria.reference == 'previous': self.save_reference()
+
+    def _set_masks(self, new: dict[str, torch.Tensor], optimizer=None) -> None:
+        "Install `new` masks; weights that come back restart at zero with fresh optimizer state."
+        self.regrown = {}
+        for n, mask in new.items():
+            old = self.masks.get(n)
+            if old is not None:
+                self.regrown[n] = mask & ~old
+                w = self.layers[n].weight
+                w.masked_fill_(self.regrown[n].expand_as(w), 0)
+                if optimizer is not None: reset_optimizer_state(optimizer, w, self.regrown[n])
+        self.masks = new
+        self._build_targets()
+        self.apply()
+
+    def _build_targets(self) -> None:
+        "The flat lists `apply` multiplies: each weight (and for whole filters, its bias and BatchNorm) with its mask."
+        params, masks = [], []
+        for n, m in self.layers.items():
+            mask = self.masks.get(n)
+            if mask is None: continue
+            params.append(m.weight); masks.append(mask.expand_as(m.weight))
+            out_mask = self._output_mask(n, mask)
+            if out_mask is None: continue
+            extra = [m.bias] if isinstance(getattr(m, 'bias', None), torch.Tensor) else []
+            bn = self._bn.get(m)
+            if bn is not None and bn.affine and bn.num_features == out_mask.numel(): extra += [bn.weight, bn.bias]
+            for p in extra: params.append(p); masks.append(out_mask.to(p.device))
+        self._targets = (params, masks)
+
+    def _output_mask(self, n: str, mask: torch.Tensor) -> torch.Tensor | None:
+        "For a granularity whose units are whole output channels, the per-channel mask; else None."
+        out_dim = 1 if type(self.layers[n]).__name__.startswith('ConvTranspose') else 0
+        if mask.dim() < 2 or any(s != 1 for d, s in enumerate(mask.shape) if d != out_dim): return None
+        return mask.flatten()
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        "Force every pruned weight back to exactly zero: one fused multiply over all masked tensors."
+        params, masks = self._targets
+        if params: torch._foreach_mul_(params, masks)
+
+    # ---- device, measure, state ----
+    def to(self, device=None) -> 'Sparsifier':
+        "Move masks and kept weights to the device of their layers (after the model moved)."
+        for d in (self.masks, self.reference, self.rewind_weights):
+            for n in d: d[n] = d[n].to(self.layers[n].weight.device)
+        self._build_targets()
+        return self
+
+    @torch.no_grad()
+    def sparsity(self) -> float:
+        "Percent of the pruned layers' weights that are zero, measured from the weights."
+        ws = [m.weight for m in self.layers.values()]
+        zeros = torch.stack([(w == 0).sum().to('cpu') for w in ws]).sum().item()
+        return 100. * zeros / sum(w.numel() for w in ws)
+
+    def state_dict(self) -> dict:
+        "Masks, kept weights and the last target, as a plain dict of tensors."
+        return {'masks': dict(self.masks), 'reference': dict(self.reference), 'rewind': dict(self.rewind_weights),
+                'n_pruned': dict(self.n_pruned), 'sparsity_target': self.sparsity_target}
+
+    def load_state_dict(self, state: dict) -> None:
+        "Restore what `state_dict` returned, on the layers' devices, and re-apply the masks."
+        unknown = set(state['masks']) - set(self.layers)
+        if unknown: raise ValueError(f"state names layers this model has not: {sorted(unknown)}")
+        dev = {n: m.weight.device for n, m in self.layers.items()}
+        self.masks = {n: t.to(dev[n]) for n, t in state['masks'].items()}
+        self.reference = {n: t.to(dev[n]) for n, t in state.get('reference', {}).items()} or self.reference
+        self.rewind_weights = {n: t.to(dev[n]) for n, t in state.get('rewind', {}).items()}
+        self.n_pruned = {**self.n_pruned, **state.get('n_pruned', {})}
+        self.sparsity_target = state.get('sparsity_target', 0.)
+        self._build_targets()
+        self.apply()
+
+    def memory_bytes(self) -> dict[str, int]:
+        "Bytes held beside the model: masks, and copies of weights (reference, rewind)."
+        size = lambda d: sum(t.numel() * t.element_size() for t in d.values())
+        return {'masks': size(self.masks), 'weight_copies': size(self.reference) + size(self.rewind_weights)}
+
+
+def reset_optimizer_state(optimizer, param: torch.Tensor, where: torch.Tensor) -> None:
+    "Zero the optimizer's per-element state of `param` at `where` (torch and fastai optimizers alike)."
+    state = getattr(optimizer, 'state', {}).get(param, {})
+    for v in state.values():
+        if isinstance(v, torch.Tensor) and v.shape == param.shape: v.masked_fill_(where.expand_as(v), 0)
