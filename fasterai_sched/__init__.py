@@ -6,7 +6,8 @@ from .criteria import __all__ as _criteria_all
 from .schedules import one_shot, iterative, agp, one_cycle, cos, lin, dsd, plot_schedules
 from .sparsifier import Sparsifier
 from .report import sparsity_report
+from .callback import SparsifyCallback
 
-__all__ = ['Sparsifier', 'sparsity_report', 'register_granularity', 'granularity_names',
+__all__ = ['Sparsifier', 'SparsifyCallback', 'sparsity_report', 'register_granularity', 'granularity_names',
            'one_shot', 'iterative', 'agp', 'one_cycle', 'cos', 'lin', 'dsd', 'plot_schedules',
            *[n for n in _criteria_all if n != 'CRITERIA']]

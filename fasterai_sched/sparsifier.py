@@ -4,7 +4,7 @@ import math
 from fractions import Fraction
 from numbers import Real
 import torch, torch.nn as nn
-from .granularity import Granularity, get_granularity
+from .granularity import Granularity, NMGranularity, get_granularity
 from .criteria import Criteria, CRITERIA, large_final
 
 __all__ = ['Sparsifier', 'lowest_k', 'n_to_prune', 'check_sparsity', 'unwrap_model']
@@ -63,17 +63,7 @@ class Sparsifier:
     def __init__(self, model: nn.Module, granularity: str | Granularity = 'weight', context: str = 'local',
                  criteria: Criteria | str = large_final, layer_type: type = nn.Conv2d, round_to: int | None = None,
                  seed: int = 0):
-        if context not in ('local', 'global'):
-            raise ValueError(f"context={context!r} is not allowed; use 'local' or 'global'")
-        if isinstance(criteria, str):
-            if criteria not in CRITERIA: raise ValueError(f"criteria={criteria!r} is not known; valid: {sorted(CRITERIA)}")
-            criteria = CRITERIA[criteria]
-        if not isinstance(criteria, Criteria):
-            raise TypeError(f"criteria={criteria!r} must be a Criteria (such as large_final) or one of {sorted(CRITERIA)}")
-        if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
-            raise TypeError(f"layer_type={layer_type!r} must be an nn.Module subclass such as nn.Conv2d")
-        if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-            raise ValueError(f"round_to={round_to!r} must be None or a positive integer")
+        criteria = self.check_args(context, criteria, layer_type, round_to)
         self.model, self.context, self.criteria, self.round_to, self.seed = unwrap_model(model), context, criteria, round_to, seed
         self.layers = {n: m for n, m in self.model.named_modules()
                        if isinstance(m, layer_type) and isinstance(getattr(m, 'weight', None), torch.Tensor)}
@@ -91,7 +81,25 @@ class Sparsifier:
         self.regrown: dict[str, torch.Tensor] = {}
         self._bn = _following_batchnorm(self.model)
         self._targets: tuple[list, list] = ([], [])
+        self._masked_pct = 0.
         if criteria.reference: self.save_reference()
+
+    @staticmethod
+    def check_args(context: str = 'local', criteria: Criteria | str = large_final, layer_type: type = nn.Conv2d,
+                   round_to: int | None = None) -> Criteria:
+        "Raise on a bad argument, naming it; returns the `Criteria` (a name is looked up)."
+        if context not in ('local', 'global'):
+            raise ValueError(f"context={context!r} is not allowed; use 'local' or 'global'")
+        if isinstance(criteria, str):
+            if criteria not in CRITERIA: raise ValueError(f"criteria={criteria!r} is not known; valid: {sorted(CRITERIA)}")
+            criteria = CRITERIA[criteria]
+        if not isinstance(criteria, Criteria):
+            raise TypeError(f"criteria={criteria!r} must be a Criteria (such as large_final) or one of {sorted(CRITERIA)}")
+        if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
+            raise TypeError(f"layer_type={layer_type!r} must be an nn.Module subclass such as nn.Conv2d")
+        if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+            raise ValueError(f"round_to={round_to!r} must be None or a positive integer")
+        return criteria
 
     # ---- weights kept aside ----
     def _copy_weights(self) -> dict[str, torch.Tensor]:
@@ -182,6 +190,7 @@ class Sparsifier:
         self._set_masks(new, optimizer)
         self.n_pruned = {n: int(c) for n, c in zip(pruned, torch.stack([p.sum() for p in pruned.values()]).tolist())}
         self.sparsity_target = sparsity
+        self._update_masked_pct()
         if self.criteria.reference == 'previous': self.save_reference()
 
     def _set_masks(self, new: dict[str, torch.Tensor], optimizer=None) -> None:
@@ -224,6 +233,34 @@ class Sparsifier:
         "Force every pruned weight back to exactly zero: one fused multiply over all masked tensors."
         params, masks = self._targets
         if params: torch._foreach_mul_(params, masks)
+
+    @torch.no_grad()
+    def masks_from_weights(self) -> None:
+        "Rebuild masks from the weights (a unit whose weights are all zero is pruned), as after loading a pruned model."
+        new, counts = {}, {}
+        for n, m in self.layers.items():
+            g, nonzero = self.granularity[n], m.weight != 0
+            keep = nonzero.any(dim=g.dims, keepdim=True) if g.dims else nonzero
+            if isinstance(g, NMGranularity):
+                keep = g._groups(nonzero).sum(-1) > g.n
+                new[n] = nonzero
+            else: new[n] = keep
+            counts[n] = (~keep).sum()
+        self.masks = {}
+        self._set_masks(new)
+        self.n_pruned = dict(zip(counts, torch.stack(list(counts.values())).tolist()))
+        self._update_masked_pct()
+
+    def _update_masked_pct(self) -> None:
+        "Percent of weights the masks zero, kept so that reading it costs no device sync."
+        ws = [(self.layers[n].weight, m) for n, m in self.masks.items()]
+        if not ws: self._masked_pct = 0.; return
+        pruned = torch.stack([(~m).sum().to('cpu') * (w.numel() // m.numel()) for w, m in ws]).sum().item()
+        self._masked_pct = 100. * pruned / sum(m.weight.numel() for m in self.layers.values())
+
+    def masked_sparsity(self) -> float:
+        "Percent of the pruned layers' weights that the masks hold at zero (no device sync)."
+        return self._masked_pct
 
     # ---- device, measure, state ----
     def to(self, device=None) -> 'Sparsifier':

@@ -1,0 +1,209 @@
+"""SparsifyCallback: fastai events -> training progress -> target sparsity -> Sparsifier."""
+from __future__ import annotations
+from numbers import Real
+from pathlib import Path
+from typing import Callable
+import torch, torch.nn as nn
+from fastai.callback.core import Callback
+from fastai.torch_core import rank_distrib
+from fastcore.basics import store_attr
+from .criteria import Criteria, large_final
+from .granularity import get_granularity
+from .schedules import one_shot
+from .sparsifier import Sparsifier, check_sparsity, n_to_prune, unwrap_model
+from .report import sparsity_report
+
+__all__ = ['SparsifyCallback']
+
+_UNSET = object()
+
+
+def _pick(name: str, value, alias: str, alias_value, default):
+    "One of two spellings of an argument; both given is an error."
+    if value is not _UNSET and alias_value is not _UNSET:
+        raise TypeError(f"pass either {name} or {alias}, not both ({name}={value!r}, {alias}={alias_value!r})")
+    if value is not _UNSET: return value
+    return default if alias_value is _UNSET else alias_value
+
+
+def _check_int(name: str, value, low: int = 0, allow_none: bool = False):
+    if value is None and allow_none: return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} must be an integer >= {low}" + (" or None" if allow_none else ""))
+    return value
+
+
+class SparsifyCallback(Callback):
+    "Prune `layer_type` layers during `fit` following `schedule`, from `start_sparsity` to `sparsity` percent."
+    order = 70  # after MixedPrecision has unscaled the gradients; prints after the progress table's row
+
+    def __init__(self, sparsity=_UNSET, granularity: str = 'weight', context: str = 'local',
+                 criteria: Criteria = large_final, schedule: Callable = _UNSET, start_sparsity: float = 0,
+                 start_epoch: int = 0, end_epoch: int | None = None, lth: bool = False, rewind_epoch: int = 0,
+                 reset_end: bool = False, save_tickets: bool = False, model: nn.Module | None = None,
+                 round_to: int | None = None, layer_type: type = nn.Conv2d, verbose: bool = True,
+                 frequency: int | None = None, seed: int = 0, end_sparsity=_UNSET, sched_func=_UNSET):
+        sparsity = _pick('sparsity', sparsity, 'end_sparsity', end_sparsity, _UNSET)
+        if sparsity is _UNSET: raise TypeError("SparsifyCallback needs sparsity (or end_sparsity), a percent such as 90")
+        schedule = _pick('schedule', schedule, 'sched_func', sched_func, one_shot)
+        if isinstance(sparsity, dict):
+            if context != 'local': raise ValueError(f"sparsity as a dict needs context='local', got context={context!r}")
+            for k, v in sparsity.items(): check_sparsity(v, f"sparsity[{k!r}]")
+        else: check_sparsity(sparsity)
+        check_sparsity(start_sparsity, 'start_sparsity')
+        if not callable(schedule): raise TypeError(f"schedule={schedule!r} must be a function f(start, end, pos)")
+        get_granularity(granularity, layer_type)  # raises on an unknown name, listing the valid ones
+        _check_int('start_epoch', start_epoch); _check_int('end_epoch', end_epoch, 1, allow_none=True)
+        _check_int('rewind_epoch', rewind_epoch); _check_int('frequency', frequency, 1, allow_none=True)
+        if end_epoch is not None and end_epoch <= start_epoch:
+            raise ValueError(f"end_epoch={end_epoch} must be after start_epoch={start_epoch}")
+        store_attr('sparsity,granularity,context,criteria,schedule,start_sparsity,start_epoch,end_epoch,lth,'
+                   'rewind_epoch,reset_end,save_tickets,round_to,layer_type,verbose,frequency,seed')
+        self.target_model, self.sparsifier, self.history, self._steps_in_epoch = model, None, [], 0
+        # fail on a bad criteria or round_to now, not once training has started
+        Sparsifier.check_args(context, criteria, layer_type, round_to)
+
+    # ---- helpers ----
+    def _print(self, *args):
+        if self.verbose and rank_distrib() == 0: print(*args)
+
+    def _end_value(self) -> float:
+        return self.sparsity if not isinstance(self.sparsity, dict) else max(self.sparsity.values(), default=0)
+
+    def _target(self, step: int):
+        "Target sparsity after `step` training steps of this fit (a number, or a dict per layer)."
+        k0, k1 = self.start_epoch * self.n_iter_fit, self._end_epoch * self.n_iter_fit
+        if step <= k0: pos = 0.
+        else: pos = min(1., (step - k0) / (k1 - k0))
+        if isinstance(self.sparsity, dict):
+            return {n: self._scheduled(self.start_sparsity, s, pos) for n, s in self.sparsity.items()}
+        return self._scheduled(self.start_sparsity, self.sparsity, pos)
+
+    def _scheduled(self, start, end, pos) -> float:
+        value = self.schedule(start, end, pos)
+        if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value <= 100:
+            raise ValueError(f"schedule={getattr(self.schedule, '__name__', self.schedule)!r} returned {value!r} at "
+                             f"pos={pos:.4f}; a schedule must return a percentage in [0, 100]")
+        return float(value)
+
+    def _counts(self, target) -> tuple:
+        "The unit counts `target` asks for: masks only change when these do."
+        sp = self.sparsifier
+        if isinstance(target, dict): return tuple(n_to_prune(target.get(n, 0), u) for n, u in sp.n_units.items())
+        if self.context == 'global': return (n_to_prune(target, sum(sp.n_units.values())),)
+        return tuple(n_to_prune(target, u) for u in sp.n_units.values())
+
+    def _save_dir(self) -> Path:
+        return Path(self.learn.path) / self.learn.model_dir
+
+    # ---- fastai events ----
+    def before_fit(self):
+        self.active = True
+        model = unwrap_model(self.target_model or self.learn.model)
+        n_epoch = self.learn.n_epoch
+        if self.start_epoch >= n_epoch:
+            raise ValueError(f"start_epoch={self.start_epoch} is past the end of this fit of {n_epoch} epochs "
+                             f"(allowed: 0 to {n_epoch - 1})")
+        self._end_epoch = self.end_epoch or n_epoch
+        if self._end_epoch > n_epoch:
+            raise ValueError(f"end_epoch={self.end_epoch} is past the end of this fit of {n_epoch} epochs")
+        if self.sparsifier is None or self.sparsifier.model is not model:
+            self.sparsifier = Sparsifier(model, self.granularity, self.context, self.criteria, self.layer_type,
+                                         self.round_to, self.seed)
+            if any((m.weight == 0).any() for m in self.sparsifier.layers.values()): self.sparsifier.masks_from_weights()
+        else: self.sparsifier.to()
+        sp = self.sparsifier
+        # a fit where every pruned weight is frozen (fine_tune's first phase) trains nothing to prune
+        if not any(m.weight.requires_grad for m in sp.layers.values()):
+            self.active = False
+            self._print("Pruned layers are frozen in this fit: pruning waits for an unfrozen one")
+        if not self.active: return
+        for i in range(101): self._target_probe(i / 100)
+        self.n_iter_fit = len(self.learn.dls.train)
+        self._current = self._counts_now()
+        self._steps_in_epoch, self.history = 0, []
+        self._print(f"Pruning of {self.granularity} until a sparsity of {self._fmt(self._end_value())}%")
+
+    def _target_probe(self, pos: float):
+        if isinstance(self.sparsity, dict):
+            for s in self.sparsity.values(): self._scheduled(self.start_sparsity, s, pos)
+        else: self._scheduled(self.start_sparsity, self.sparsity, pos)
+
+    @staticmethod
+    def _fmt(x: float) -> str: return f"{x:g}"
+
+    def _counts_now(self) -> tuple:
+        sp = self.sparsifier
+        if self.context == 'global' and not isinstance(self.sparsity, dict): return (sum(sp.n_pruned.values()),)
+        return tuple(sp.n_pruned.values())
+
+    def before_epoch(self):
+        if not self.active: return
+        if (self.lth or self.reset_end) and self.epoch == self.rewind_epoch and not self.sparsifier.rewind_weights:
+            self.sparsifier.save_rewind()
+            self._print(f"Saving Weights at epoch {self.epoch}")
+
+    def before_step(self):
+        if not (self.active and self.training): return
+        step = self.epoch * self.n_iter_fit + self.iter + 1
+        target = self._target(step)
+        counts = self._counts(target)
+        if counts != self._current and self._due(step):
+            self._update_masks(target, counts)
+        self._record(step, target)
+
+    def _due(self, step: int) -> bool:
+        "Recompute now? Always on an epoch's last step (exact epoch lines) and when pruning starts; else every `frequency` steps."
+        if self.iter == self.n_iter_fit - 1 or not any(self._current): return True
+        return self.frequency is None or step % self.frequency == 0
+
+    def _update_masks(self, target, counts):
+        sp = self.sparsifier
+        sp.prune(target, optimizer=self.learn.opt)
+        self._current = counts
+        if self.lth and sp.rewind_weights:
+            sp.rewind()
+            if self.save_tickets: self._save_ticket(target)
+
+    def _save_ticket(self, target):
+        d = self._save_dir(); d.mkdir(parents=True, exist_ok=True)
+        value = target if not isinstance(target, dict) else max(target.values(), default=0)
+        if rank_distrib() == 0: torch.save(self.sparsifier.model.state_dict(), d / f"ticket_sparsity_{value:06.2f}.pth")
+
+    def after_step(self):
+        if self.active and self.training: self.sparsifier.apply()
+        self._steps_in_epoch += 1
+
+    def _record(self, step, target):
+        value = target if not isinstance(target, dict) else max(target.values(), default=0)
+        self.history.append({'epoch': self.epoch + (self.iter + 1) / self.n_iter_fit, 'target': value,
+                             'actual': self.sparsifier.masked_sparsity()})
+
+    def after_epoch(self):
+        if not self.active or self._steps_in_epoch == 0: return
+        self._steps_in_epoch = 0
+        self.epoch_sparsity = self.sparsifier.sparsity()
+        if self.history: self.history[-1]['actual'] = self.epoch_sparsity
+        self._print(f"Sparsity at the end of epoch {self.epoch}: {self.epoch_sparsity:.2f}%")
+
+    def after_fit(self):
+        if not self.active: return
+        sp = self.sparsifier
+        if self.reset_end and sp.rewind_weights: sp.rewind()
+        self.final_sparsity = sp.sparsity()
+        self._print(f"Final Sparsity: {self.final_sparsity:.2f}%")
+        if self.verbose and rank_distrib() == 0: sparsity_report(sp.model, self.layer_type)
+
+    # ---- after training ----
+    def plot(self, ax=None):
+        "Target and actual sparsity over the last fit, per training step; returns the axes."
+        import matplotlib.pyplot as plt
+        if not self.history: raise RuntimeError("plot() needs a finished fit: no sparsity was recorded yet")
+        if ax is None: _, ax = plt.subplots(figsize=(8, 4))
+        xs = [h['epoch'] for h in self.history]
+        ax.plot(xs, [h['target'] for h in self.history], label='target', lw=2, alpha=.6)
+        ax.step(xs, [h['actual'] for h in self.history], where='post', label='actual (masks)', ls='--')
+        ax.set(xlabel='epoch', ylabel='sparsity (%)', ylim=(-2, 102), title=f"{getattr(self.schedule, '__name__', 'schedule')} "
+               f"{self.granularity} {self.context}")
+        ax.legend(); ax.grid(alpha=.3)
+        return ax
