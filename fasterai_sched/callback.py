@@ -2,9 +2,11 @@
 from __future__ import annotations
 from numbers import Real
 from pathlib import Path
+import warnings
 from typing import Callable
 import torch, torch.nn as nn
 from fastai.callback.core import Callback
+from fastai.learner import SkipToEpoch
 from fastai.torch_core import rank_distrib
 from fastcore.basics import store_attr
 from .criteria import Criteria, large_final
@@ -33,9 +35,26 @@ def _check_int(name: str, value, low: int = 0, allow_none: bool = False):
     return value
 
 
+def _check_options(model, lth, reset_end, save_tickets, verbose, seed, rewind_epoch, start_epoch, start_sparsity):
+    "Raise on a flag that is not a bool, or on an option that would be ignored in this combination."
+    for name, value in [('lth', lth), ('reset_end', reset_end), ('save_tickets', save_tickets), ('verbose', verbose)]:
+        if not isinstance(value, bool): raise TypeError(f"{name}={value!r} must be True or False")
+    if isinstance(seed, bool) or not isinstance(seed, int): raise TypeError(f"seed={seed!r} must be an integer")
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model={model!r} must be None (the learner's model) or an nn.Module")
+    if save_tickets and not lth: raise ValueError("save_tickets=True needs lth=True: a ticket is the rewound weights")
+    if rewind_epoch and not (lth or reset_end):
+        raise ValueError(f"rewind_epoch={rewind_epoch} has no effect without lth=True or reset_end=True")
+    first = start_epoch if start_sparsity == 0 else 0  # the epoch of the first mask change
+    if lth and rewind_epoch > first:
+        raise ValueError(f"with lth=True, rewind_epoch={rewind_epoch} must be <= {first}, the epoch pruning starts "
+                         f"(start_epoch={start_epoch}, start_sparsity={start_sparsity}): earlier masks could not be rewound")
+
+
 class SparsifyCallback(Callback):
     "Prune `layer_type` layers during `fit` following `schedule`, from `start_sparsity` to `sparsity` percent."
     order = 70  # after MixedPrecision has unscaled the gradients; prints after the progress table's row
+    state_fname = 'sparsify_state.pth'  # weight copies a resumed fit needs, in learn.path/learn.model_dir
 
     def __init__(self, sparsity=_UNSET, granularity: str = 'weight', context: str = 'local',
                  criteria: Criteria = large_final, schedule: Callable = _UNSET, start_sparsity: float = 0,
@@ -57,6 +76,7 @@ class SparsifyCallback(Callback):
         _check_int('rewind_epoch', rewind_epoch); _check_int('frequency', frequency, 1, allow_none=True)
         if end_epoch is not None and end_epoch <= start_epoch:
             raise ValueError(f"end_epoch={end_epoch} must be after start_epoch={start_epoch}")
+        _check_options(model, lth, reset_end, save_tickets, verbose, seed, rewind_epoch, start_epoch, start_sparsity)
         store_attr('sparsity,granularity,context,criteria,schedule,start_sparsity,start_epoch,end_epoch,lth,'
                    'rewind_epoch,reset_end,save_tickets,round_to,layer_type,verbose,frequency,seed')
         self.target_model, self.sparsifier, self.history, self._steps_in_epoch = model, None, [], 0
@@ -107,12 +127,20 @@ class SparsifyCallback(Callback):
         self._end_epoch = self.end_epoch or n_epoch
         if self._end_epoch > n_epoch:
             raise ValueError(f"end_epoch={self.end_epoch} is past the end of this fit of {n_epoch} epochs")
-        if self.sparsifier is None or self.sparsifier.model is not model:
+        if (self.lth or self.reset_end) and self.rewind_epoch >= n_epoch:
+            raise ValueError(f"rewind_epoch={self.rewind_epoch} is past the end of this fit of {n_epoch} epochs "
+                             f"(allowed: 0 to {n_epoch - 1})")
+        self._resume_at = self._resume_epoch()
+        fresh = self.sparsifier is None or self.sparsifier.model is not model
+        if fresh:
             self.sparsifier = Sparsifier(model, self.granularity, self.context, self.criteria, self.layer_type,
                                          self.round_to, self.seed)
             if any((m.weight == 0).any() for m in self.sparsifier.layers.values()): self.sparsifier.masks_from_weights()
-        else: self.sparsifier.to()
+        else:  # the same callback again: masks follow the model, back on weights an interrupted step left unmasked
+            self.sparsifier.to().apply()
+            if not self._resume_at: self._restart()
         sp = self.sparsifier
+        if isinstance(self.sparsity, dict): sp._targets_per_layer(self.sparsity)  # layer names checked before training
         # a fit where every pruned weight is frozen (fine_tune's first phase) trains nothing to prune
         if not any(m.weight.requires_grad for m in sp.layers.values()):
             self.active = False
@@ -122,6 +150,7 @@ class SparsifyCallback(Callback):
         self.n_iter_fit = len(self.learn.dls.train)
         self._current = self._counts_now()
         self._steps_in_epoch, self.history = 0, []
+        self._keep_or_read_state(fresh)
         self._print(f"Pruning of {self.granularity} until a sparsity of {self._fmt(self._end_value())}%")
 
     def _target_probe(self, pos: float):
@@ -132,6 +161,67 @@ class SparsifyCallback(Callback):
     @staticmethod
     def _fmt(x: float) -> str: return f"{x:g}"
 
+    # ---- resume: weight copies that the model's zeros cannot rebuild ----
+    def _resume_epoch(self) -> int:
+        "The epoch this fit resumes at: fastai's `fit(n, start_epoch=k)` adds a `SkipToEpoch(k)`; else 0."
+        return max([getattr(cb, '_skip_to', 0) for cb in self.learn.cbs if isinstance(cb, SkipToEpoch)], default=0)
+
+    def _restart(self):
+        "A new fit with this callback is a new pruning run: rewind and 'init' weights are taken again."
+        sp = self.sparsifier
+        sp.rewind_weights = {}
+        if sp.criteria.reference: sp.save_reference()
+
+    def _state_path(self) -> Path: return self._save_dir() / self.state_fname
+
+    def _write_state(self):
+        "Write the rewind and 'init' reference weights beside the learner's checkpoints, when they are taken."
+        sp = self.sparsifier
+        if rank_distrib() != 0 or not (sp.rewind_weights or sp.criteria.reference == 'init'): return
+        cpu = lambda d: {n: t.detach().cpu() for n, t in d.items()}
+        state = {'layers': {n: tuple(m.weight.shape) for n, m in sp.layers.items()},
+                 'rewind_epoch': self.rewind_epoch if sp.rewind_weights else None, 'rewind': cpu(sp.rewind_weights),
+                 'reference': cpu(sp.reference) if sp.criteria.reference == 'init' else {}}
+        path = self._state_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + '.tmp')
+            torch.save(state, tmp); tmp.replace(path)  # a crash while writing leaves the previous file whole
+        except OSError as e:
+            warnings.warn(f"SparsifyCallback could not write {path} ({e}); a fit resumed from a later epoch will not find "
+                          f"these weights")
+
+    def _keep_or_read_state(self, fresh: bool):
+        "Write the 'init' weights of a new run; a fit resuming past the epoch the copies were taken reads them back."
+        sp = self.sparsifier
+        if not self._resume_at:
+            if sp.criteria.reference == 'init': self._write_state()
+            return
+        need = []
+        if (self.lth or self.reset_end) and self._resume_at > self.rewind_epoch and not sp.rewind_weights: need.append('rewind')
+        if fresh and sp.criteria.reference == 'init': need.append('reference')
+        if need: self._read_state(need)
+
+    def _read_state(self, need: list[str]):
+        sp, path = self.sparsifier, self._state_path()
+        what = ' and '.join(need)
+        if not path.exists():
+            raise FileNotFoundError(f"this fit resumes at epoch {self._resume_at} and needs the {what} weights of the "
+                                    f"original run, which SparsifyCallback writes to {path}: that file is missing")
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        shapes = {n: tuple(m.weight.shape) for n, m in sp.layers.items()}
+        if state.get('layers') != shapes:
+            raise ValueError(f"{path} was written for other layers than this model's {self.layer_type.__name__} layers")
+        missing = [k for k in need if not state.get(k)]
+        if missing: raise ValueError(f"{path} holds no {' or '.join(missing)} weights; this resumed fit needs them")
+        if 'rewind' in need and state['rewind_epoch'] != self.rewind_epoch:
+            raise ValueError(f"{path} holds rewind weights of epoch {state['rewind_epoch']}, not of "
+                             f"rewind_epoch={self.rewind_epoch}")
+        on_device = lambda d: {n: d[n].to(m.weight.device) for n, m in sp.layers.items()}
+        if 'rewind' in need: sp.rewind_weights = on_device(state['rewind'])
+        if 'reference' in need: sp.reference = on_device(state['reference'])
+        self._print(f"Resuming at epoch {self._resume_at}: read back the {what} weights from {path}")
+
     def _counts_now(self) -> tuple:
         sp = self.sparsifier
         if self.context == 'global' and not isinstance(self.sparsity, dict): return (sum(sp.n_pruned.values()),)
@@ -139,8 +229,10 @@ class SparsifyCallback(Callback):
 
     def before_epoch(self):
         if not self.active: return
-        if (self.lth or self.reset_end) and self.epoch == self.rewind_epoch and not self.sparsifier.rewind_weights:
+        if ((self.lth or self.reset_end) and self.epoch == self.rewind_epoch and self.epoch >= self._resume_at
+                and not self.sparsifier.rewind_weights):
             self.sparsifier.save_rewind()
+            self._write_state()
             self._print(f"Saving Weights at epoch {self.epoch}")
 
     def before_step(self):
@@ -189,6 +281,7 @@ class SparsifyCallback(Callback):
     def after_fit(self):
         if not self.active: return
         sp = self.sparsifier
+        sp.apply()  # a fit cancelled between the optimizer step and after_step would leave that step unmasked
         if self.reset_end and sp.rewind_weights: sp.rewind()
         self.final_sparsity = sp.sparsity()
         self._print(f"Final Sparsity: {self.final_sparsity:.2f}%")

@@ -16,28 +16,33 @@ def iterative(start: float, end: float, pos: float, n_steps: int = 3) -> float:
     "`n_steps` equal steps, each taken as soon as its part of the window begins."
     if not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
+    if pos >= 1: return float(end)  # exactly `end`: start + (end - start) * 1 can miss it by a rounding
     # round first so that pos*n_steps landing a hair above an integer does not take the next step early
     return start + (end - start) * math.ceil(round(pos * n_steps, 9)) / n_steps
 
 
 def agp(start: float, end: float, pos: float) -> float:
     "Automated Gradual Pruning: cubic, fast at first then slower (Zhu & Gupta, 2017)."
+    if pos <= 0: return float(start)  # exactly `start`: end + (start - end) can miss it by a rounding
     return end + (start - end) * (1 - pos) ** 3
 
 
 def one_cycle(start: float, end: float, pos: float, α: float = 14, β: float = 6) -> float:
     "Logistic rise, rescaled so that `pos=0` gives `start` and `pos=1` gives `end`."
+    if pos >= 1: return float(end)
     def s(p): return 1 / (1 + math.exp(-(α * p - β)))
     return start + (end - start) * (s(pos) - s(0)) / (s(1) - s(0))
 
 
 def cos(start: float, end: float, pos: float) -> float:
     "Cosine from `start` to `end` (fastai's `sched_cos`)."
+    if pos >= 1: return float(end)
     return float(sched_cos(start, end, pos))
 
 
 def lin(start: float, end: float, pos: float) -> float:
     "Linear from `start` to `end` (fastai's `sched_lin`)."
+    if pos >= 1: return float(end)
     return float(sched_lin(start, end, pos))
 
 

@@ -4,6 +4,7 @@ import math
 from fractions import Fraction
 from numbers import Real
 import torch, torch.nn as nn
+import torch.distributed as dist
 from .granularity import Granularity, NMGranularity, get_granularity
 from .criteria import Criteria, CRITERIA, large_final
 
@@ -50,6 +51,19 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         return below | (tied & (tied.cumsum(0) <= k - below.sum()))
     below[tied.nonzero().squeeze(1)[:k - int(below.count_nonzero())]] = True
     return below
+
+
+def _from_rank0(*dicts: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], ...]:
+    "Under an initialized torch.distributed group, every rank takes rank 0's boolean tensors (one broadcast)."
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2: return dicts
+    ts = [t for d in dicts for t in d.values()]
+    if not ts: return dicts
+    # gloo broadcasts CPU tensors only, NCCL CUDA ones; bool is sent as uint8, which both backends take
+    dev = torch.device('cuda', torch.cuda.current_device()) if 'nccl' in str(dist.get_backend()) else torch.device('cpu')
+    flat = torch.cat([t.flatten().to(dev, torch.uint8) for t in ts])
+    dist.broadcast(flat, src=0)
+    parts = iter(flat.split([t.numel() for t in ts]))
+    return tuple({n: next(parts).view(t.shape).to(t.device, torch.bool) for n, t in d.items()} for d in dicts)
 
 
 def _following_batchnorm(model: nn.Module) -> dict[nn.Module, nn.Module]:
@@ -178,7 +192,9 @@ class Sparsifier:
 
     @torch.no_grad()
     def prune(self, sparsity: float | dict, optimizer=None) -> None:
-        "Mask each layer (or all layers, globally) to `sparsity` percent of its units, then zero the pruned weights."
+        """Mask each layer (or all layers, globally) to `sparsity` percent of its units, then zero the pruned weights.
+
+        Under an initialized torch.distributed group this is a collective: call it on every rank; all take rank 0's masks."""
         targets = self._targets_per_layer(sparsity)
         elem = self.scores()
         units = {n: self.granularity[n].unit_scores(e) for n, e in elem.items()}
@@ -187,6 +203,7 @@ class Sparsifier:
         for n, m in self.layers.items():
             keep = ~pruned[n].view(units[n].shape)
             new[n] = self.granularity[n].weight_mask(keep, elem[n]).to(m.weight.device)
+        new, pruned = _from_rank0(new, pruned)  # ranks agree even where their scores differ
         self._set_masks(new, optimizer)
         self.n_pruned = {n: int(c) for n, c in zip(pruned, torch.stack([p.sum() for p in pruned.values()]).tolist())}
         self.sparsity_target = sparsity
@@ -225,7 +242,8 @@ class Sparsifier:
     def _output_mask(self, n: str, mask: torch.Tensor) -> torch.Tensor | None:
         "For a granularity whose units are whole output channels, the per-channel mask; else None."
         out_dim = 1 if type(self.layers[n]).__name__.startswith('ConvTranspose') else 0
-        if mask.dim() < 2 or any(s != 1 for d, s in enumerate(mask.shape) if d != out_dim): return None
+        # decided by the granularity, not the mask's shape: a (1, 1, 1, 1) 'channel' or 'weight' mask is no filter
+        if mask.dim() < 2 or set(self.granularity[n].dims) != set(range(mask.dim())) - {out_dim}: return None
         return mask.flatten()
 
     @torch.no_grad()

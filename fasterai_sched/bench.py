@@ -1,0 +1,318 @@
+"""The benchmark: dense training against training with `SparsifyCallback`, interleaved in one process.
+
+`python -m fasterai_sched.bench` times fastai fits (mode 'fit': resnet18 at 32 px on scikit-learn's digits) or
+training steps over one synthetic batch (mode 'step', the GPU measurement), and prints medians and the ratio to
+dense. `python -m fasterai_sched.bench select --n 100000000` times the exact-count selection over N scores."""
+from __future__ import annotations
+import argparse, contextlib, io, json, platform, statistics, sys, time, warnings
+import torch, torch.nn as nn, torch.nn.functional as F
+from fastai.callback.core import Callback, CancelValidException
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.optimizer import Adam
+
+__all__ = ['run_train_bench', 'run_select_bench', 'format_train', 'format_select', 'main']
+
+SPARSITY = 90
+# name -> (library, schedule name, context); 'steady' prunes once with one_shot, then times re-masking only
+VARIANTS = {
+    'dense': (None, None, None),
+    'agp local': ('ours', 'agp', 'local'),
+    'agp global': ('ours', 'agp', 'global'),
+    'steady': ('ours', 'one_shot', 'local'),
+    'fasterai agp local': ('fasterai', 'agp', 'local'),
+    'fasterai agp global': ('fasterai', 'agp', 'global'),
+    'fasterai steady': ('fasterai', 'one_shot', 'local'),
+}
+DEFAULT_VARIANTS = ['dense', 'agp local', 'agp global', 'steady']
+
+
+# ---- devices and models ----
+def pick_device(name: str = 'auto') -> torch.device:
+    "'auto' is CUDA when available, else CPU; asking for CUDA without it is an error."
+    if name == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name not in ('cpu', 'cuda'): raise ValueError(f"device={name!r} is not allowed; use 'auto', 'cpu' or 'cuda'")
+    if name == 'cuda' and not torch.cuda.is_available(): raise ValueError("device='cuda' but CUDA is not available")
+    return torch.device(name)
+
+
+def sync(device: torch.device) -> None:
+    "Wait for the device: the benchmark's clocks (never the library) synchronise."
+    if device.type == 'cuda': torch.cuda.synchronize(device)
+
+
+def build_model(arch: str, n_out: int, seed: int = 0) -> nn.Module:
+    "A fastai vision model (torchvision body, fastai head), untrained, the same for every `seed`."
+    from fastai.vision.learner import create_vision_model
+    from torchvision.models import resnet18, resnet50
+    archs = {'resnet18': resnet18, 'resnet50': resnet50}
+    if arch not in archs: raise ValueError(f"arch={arch!r} is not allowed; use one of {list(archs)}")
+    torch.manual_seed(seed)
+    return create_vision_model(archs[arch], n_out, pretrained=False)
+
+
+# ---- data ----
+def digits_dls(size: int = 32, bs: int = 64, device: torch.device | str = 'cpu', seed: int = 0) -> DataLoaders:
+    "scikit-learn's digits (8x8, 1,797 images) upscaled to `size` px and 3 channels; 80% train, 20% valid."
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16
+    x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
+    x = ((x - x.mean()) / x.std()).expand(-1, 3, -1, -1).contiguous()
+    y = torch.tensor(d.target)
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = int(.8 * len(idx))
+    train, valid = [(x[i], y[i]) for i in idx[:cut]], [(x[i], y[i]) for i in idx[cut:]]
+    return DataLoaders.from_dsets(train, valid, bs=bs, device=torch.device(device))
+
+
+class _SameBatch:
+    "A loader that yields one batch already on the device `n` times: the timing holds no data loading."
+    def __init__(self, xb, yb, n: int): self.xb, self.yb, self.n = xb, yb, n
+    def __len__(self): return self.n
+    def __iter__(self): return ((self.xb, self.yb) for _ in range(self.n))
+
+
+def synthetic_dls(size: int, bs: int, steps: int, n_out: int, device: torch.device) -> DataLoaders:
+    g = torch.Generator().manual_seed(0)
+    xb = torch.randn(bs, 3, size, size, generator=g).to(device)
+    yb = torch.randint(0, n_out, (bs,), generator=g).to(device)
+    return DataLoaders(_SameBatch(xb, yb, steps), _SameBatch(xb, yb, 1))
+
+
+# ---- clocks ----
+class _Clock(Callback):
+    "Wall times: each epoch (mode 'fit'), or the training phase with and without its first step (mode 'step')."
+    order = 1000  # after every other callback, so their work is inside the times
+
+    def __init__(self, device, per_step: bool): self.device, self.per_step = device, per_step
+
+    def _now(self):
+        sync(self.device)
+        return time.perf_counter()
+
+    def before_fit(self): self.marks, self.epochs = {}, []; self.last = self._now()
+
+    def before_train(self):
+        if self.per_step: self.marks['start'] = self._now()
+
+    def after_batch(self):
+        if self.per_step and self.training and self.iter == 0: self.marks['first'] = self._now()
+
+    def after_train(self):
+        if self.per_step: self.marks['end'] = self._now()
+
+    def before_validate(self):
+        if self.per_step: raise CancelValidException()
+
+    def after_epoch(self):
+        now = self._now()
+        self.epochs.append(now - self.last)
+        self.last = now
+
+
+# ---- the callbacks under test ----
+def fasterai_available() -> tuple[bool, str]:
+    "Whether fasterai (the optional extra `bench`) can be imported, and why not."
+    try:
+        import fasterai.sparse.all  # noqa: F401
+        return True, ''
+    except Exception as e:  # any failure to import means the comparison is skipped
+        return False, f"{type(e).__name__}: {e}"
+
+
+def make_callback(variant: str, frequency=None):
+    "The callback `variant` names (None for dense)."
+    lib, sched, context = VARIANTS[variant]
+    if lib is None: return None
+    if lib == 'ours':
+        from .callback import SparsifyCallback
+        from .criteria import large_final
+        from .schedules import agp, one_shot
+        kw = {} if frequency is None else {'frequency': frequency}
+        return SparsifyCallback(sparsity=SPARSITY, granularity='weight', context=context, criteria=large_final,
+                                schedule={'agp': agp, 'one_shot': one_shot}[sched], verbose=False, **kw)
+    from fasterai.sparse.all import SparsifyCallback as FasteraiCallback
+    from fasterai.core.criteria import large_final as f_large_final
+    from fasterai.core.schedule import agp as f_agp, one_shot as f_one_shot
+    return FasteraiCallback(SPARSITY, 'weight', context, f_large_final, {'agp': f_agp, 'one_shot': f_one_shot}[sched])
+
+
+def _measured_sparsity(model: nn.Module) -> float:
+    ws = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return 100. * sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+
+
+def _one_run(variant: str, cfg: dict, device: torch.device) -> dict:
+    "One fit of `variant`; its times, final sparsity and the bytes its sparsifier holds."
+    per_step = cfg['mode'] == 'step'
+    if per_step: dls = synthetic_dls(cfg['size'], cfg['bs'], cfg['steps'], 10, device)
+    else: dls = digits_dls(cfg['size'], cfg['bs'], device)
+    model = build_model(cfg['arch'], 10).to(device)
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=Adam)
+    clock, cb = _Clock(device, per_step), make_callback(variant, cfg.get('frequency'))
+    cbs = [clock] + ([cb] if cb is not None else [])
+    with contextlib.redirect_stdout(io.StringIO()), learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        learn.fit(1 if per_step else cfg['epochs'], 1e-3, cbs=cbs)
+    if per_step:
+        m, n = clock.marks, cfg['steps']
+        times = {'all': (m['end'] - m['start']) / n, 'after_first': (m['end'] - m['first']) / (n - 1)}
+    else:
+        e = clock.epochs
+        times = {'all': statistics.fmean(e), 'after_first': statistics.fmean(e[1:]) if len(e) > 1 else e[0]}
+    sp = getattr(cb, 'sparsifier', None)
+    mem = sp.memory_bytes() if hasattr(sp, 'memory_bytes') else None
+    return {'times': times, 'sparsity': _measured_sparsity(model), 'memory_bytes': mem}
+
+
+def run_train_bench(mode: str = 'fit', arch: str = 'resnet18', size: int = 32, bs: int = 64, device: str = 'auto',
+                    steps: int = 30, epochs: int = 3, repeats: int = 3, variants: list[str] | None = None,
+                    frequency: int | None = None, warmup: bool = True, log=None) -> dict:
+    "Time `variants` against dense, interleaved: each repeat runs every variant once, in a rotated order."
+    dev = pick_device(device)
+    if mode not in ('fit', 'step'): raise ValueError(f"mode={mode!r} is not allowed; use 'fit' or 'step'")
+    if mode == 'step' and steps < 2: raise ValueError(f"steps={steps} must be at least 2 in mode 'step'")
+    if mode == 'fit' and epochs < 2: raise ValueError(f"epochs={epochs} must be at least 2 in mode 'fit'")
+    variants = list(variants or DEFAULT_VARIANTS)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown: raise ValueError(f"variants {unknown} are not known; valid: {list(VARIANTS)}")
+    if 'dense' not in variants: variants.insert(0, 'dense')
+    ok, why = fasterai_available()
+    notes = []
+    if not ok:
+        skipped = [v for v in variants if VARIANTS[v][0] == 'fasterai']
+        variants = [v for v in variants if VARIANTS[v][0] != 'fasterai']
+        notes.append(f"fasterai not installed (pip install -e '.[bench]'): its callback is not compared ({why})"
+                     + (f"; skipped {skipped}" if skipped else ''))
+    cfg = dict(mode=mode, arch=arch, size=size, bs=bs, steps=steps, epochs=epochs, frequency=frequency)
+    if warmup:  # the first fit in a process pays for allocations and kernel selection: throw it away
+        _one_run('dense', {**cfg, 'epochs': 2, 'steps': min(steps, 5)} if mode == 'fit' else cfg, dev)
+    runs = {v: [] for v in variants}
+    for r in range(repeats):
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for v in order:
+            runs[v].append(_one_run(v, cfg, dev))
+            if log: log(f"repeat {r + 1}/{repeats} {v}: {runs[v][-1]['times']['all']:.4f} s")
+    return {'config': {**cfg, 'device': str(dev), 'device_name': device_name(dev), 'repeats': repeats,
+                       'torch': torch.__version__, 'threads': torch.get_num_threads(), 'sparsity': SPARSITY},
+            'rows': _rows(runs), 'notes': notes}
+
+
+def _rows(runs: dict) -> list[dict]:
+    "Per variant: the median time, and the median over repeats of its ratio to the dense run of the same repeat."
+    rows = []
+    for v, rs in runs.items():
+        key = 'after_first' if VARIANTS[v][1] == 'one_shot' else 'all'
+        ratios = [r['times'][key] / d['times'][key] for r, d in zip(rs, runs['dense'])]
+        rows.append({'variant': v, 'timed': 'after the pruning step' if key == 'after_first' else 'all',
+                     'seconds': statistics.median(r['times'][key] for r in rs),
+                     'ratio': statistics.median(ratios) if v != 'dense' else 1.0,
+                     'ratios': ratios, 'sparsity': rs[-1]['sparsity'], 'memory_bytes': rs[-1]['memory_bytes']})
+    return rows
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == 'cuda': return torch.cuda.get_device_name(dev)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def format_train(res: dict) -> str:
+    c = res['config']
+    unit = 'per step' if c['mode'] == 'step' else 'per epoch'
+    what = (f"{c['steps']} steps on one synthetic batch" if c['mode'] == 'step'
+            else f"fastai fit of {c['epochs']} epochs on digits")
+    lines = [f"{c['arch']} at {c['size']} px, batch {c['bs']}, {what}; {c['device_name']}, torch {c['torch']}; "
+             f"median of {c['repeats']} interleaved repeats; sparsity {c['sparsity']}% (weight, large_final)"]
+    head = f"{'variant':<22}{'s ' + unit:>14}{'x dense':>10}{'sparsity':>10}{'mask bytes':>14}{'copy bytes':>12}"
+    lines += [head, '-' * len(head)]
+    for r in res['rows']:
+        mem = r['memory_bytes'] or {}
+        lines.append(f"{r['variant']:<22}{r['seconds']:>14.4f}{r['ratio']:>10.3f}{r['sparsity']:>9.2f}%"
+                     f"{mem.get('masks', 0):>14,}{mem.get('weight_copies', 0):>12,}")
+    if any(r['timed'] != 'all' for r in res['rows']):
+        lines.append("steady rows time what follows the one-shot pruning step (epochs after the first, or steps "
+                     "after the first) against the same span of the dense run")
+    lines += res['notes']
+    return '\n'.join(lines)
+
+
+# ---- selection micro-benchmark ----
+def run_select_bench(n: int = 100_000_000, device: str = 'auto', repeats: int = 5, sparsity: float = SPARSITY,
+                     reference: bool | None = None) -> dict:
+    "Median time to pick the exact `sparsity`% lowest of `n` random scores: the threshold, and the full mask."
+    from .sparsifier import _kth_smallest, lowest_k, n_to_prune
+    dev = pick_device(device)
+    scores = torch.rand(n, generator=torch.Generator().manual_seed(0)).to(dev)
+    k = max(1, n_to_prune(sparsity, n))
+    cases = {'threshold (_kth_smallest)': lambda: _kth_smallest(scores, k), 'exact mask (lowest_k)': lambda: lowest_k(scores, k)}
+    if reference if reference is not None else dev.type == 'cpu':
+        cases['reference (torch.kthvalue)'] = lambda: scores.kthvalue(k).values
+    rows = []
+    for name, f in cases.items():
+        f(); sync(dev)  # warm-up
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter(); f(); sync(dev); ts.append(time.perf_counter() - t)
+        rows.append({'method': name, 'ms': 1e3 * statistics.median(ts), 'all_ms': [1e3 * t for t in ts]})
+    return {'config': {'n': n, 'k': k, 'device': str(dev), 'device_name': device_name(dev), 'repeats': repeats,
+                       'torch': torch.__version__}, 'rows': rows}
+
+
+def format_select(res: dict) -> str:
+    c = res['config']
+    lines = [f"selection of the {c['k']:,} lowest of {c['n']:,} scores; {c['device_name']}, torch {c['torch']}; "
+             f"median of {c['repeats']}", f"{'method':<30}{'ms':>12}", '-' * 42]
+    lines += [f"{r['method']:<30}{r['ms']:>12.3f}" for r in res['rows']]
+    return '\n'.join(lines)
+
+
+# ---- command line ----
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='python -m fasterai_sched.bench', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('what', nargs='?', default='train', choices=['train', 'select'],
+                   help="'train' (default): dense vs sparsified training; 'select': the selection micro-benchmark")
+    p.add_argument('--mode', choices=['fit', 'step'], default=None,
+                   help="'fit': fastai fits on digits, per-epoch times (default on CPU); 'step': synthetic batches, "
+                        "per-step times (default on CUDA)")
+    p.add_argument('--arch', choices=['resnet18', 'resnet50'], default=None,
+                   help="default: resnet18 in mode 'fit', resnet50 in mode 'step'")
+    p.add_argument('--size', type=int, default=None, help="image size in px (default: 32 in 'fit', 224 in 'step')")
+    p.add_argument('--bs', type=int, default=64, help='batch size (default 64)')
+    p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    p.add_argument('--steps', type=int, default=30, help="training steps per run in mode 'step' (default 30)")
+    p.add_argument('--epochs', type=int, default=3, help="epochs per fit in mode 'fit' (default 3)")
+    p.add_argument('--repeats', type=int, default=3, help='interleaved repeats; the table holds medians (default 3)')
+    p.add_argument('--variants', default=None,
+                   help=f"comma-separated, from {list(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)}, "
+                        "plus fasterai's when it is installed)")
+    p.add_argument('--frequency', type=int, default=None, help="SparsifyCallback's frequency (default: its own)")
+    p.add_argument('--no-warmup', action='store_true', help='skip the discarded first dense run')
+    p.add_argument('--n', type=int, default=100_000_000, help="'select': number of scores (default 100,000,000)")
+    p.add_argument('--json', action='store_true', help='print JSON instead of the table')
+    p.add_argument('-v', '--verbose', action='store_true', help='log each run to stderr')
+    return p
+
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
+    if args.what == 'select':
+        res = run_select_bench(args.n, args.device, max(args.repeats, 1))
+        print(json.dumps(res, indent=1) if args.json else format_select(res))
+        return res
+    dev = pick_device(args.device)
+    mode = args.mode or ('step' if dev.type == 'cuda' else 'fit')
+    arch = args.arch or ('resnet50' if mode == 'step' else 'resnet18')
+    size = args.size or (224 if mode == 'step' else 32)
+    if args.variants: variants = [v.strip() for v in args.variants.split(',') if v.strip()]
+    else: variants = DEFAULT_VARIANTS + ['fasterai agp local', 'fasterai agp global', 'fasterai steady']
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.verbose else None
+    res = run_train_bench(mode, arch, size, args.bs, args.device, args.steps, args.epochs, args.repeats, variants,
+                          args.frequency, not args.no_warmup, log)
+    print(json.dumps(res, indent=1) if args.json else format_train(res))
+    return res
+
+
+if __name__ == '__main__': main()

@@ -1,0 +1,185 @@
+"""Issue 6, resume: a run saved at the end of an epoch and continued in a fresh learner ends as the uninterrupted run."""
+import re
+from functools import partial
+import pytest, torch
+from fastai.callback.core import Callback
+from fastai.callback.tracker import SaveModelCallback
+from fastai.learner import load_learner
+from fasterai_sched import SparsifyCallback, agp, iterative, movement, large_init, large_final
+from conftest import small_learner, fit_capture, epoch_lines, conv_sparsity
+
+N_EPOCH = 6
+ARGS = dict(sparsity=80, start_epoch=1, lth=False)
+
+
+class Crash(RuntimeError): pass
+
+
+class SaveThenCrash(Callback):
+    "Save with `learn.save` at the end of `epoch` (after the epoch line), then stop the fit as a crash would."
+    order = 90
+    def __init__(self, epoch): self.crash_epoch = epoch
+    def after_epoch(self):
+        if self.epoch == self.crash_epoch:
+            self.learn.save('ckpt')
+            raise Crash(f"killed after epoch {self.epoch}")
+
+
+def conv_weights(model):
+    return {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+
+
+def uninterrupted(tmp_path, **kw):
+    "The whole run, saving a checkpoint at every epoch; returns its learner, callback and printed text."
+    learn = small_learner(path=tmp_path)
+    cb = SparsifyCallback(**kw)
+    out = fit_capture(learn, N_EPOCH, [cb, SaveModelCallback(every_epoch=True)])
+    return learn, cb, out
+
+
+def resumed(tmp_path, ckpt, epoch, **kw):
+    "A freshly built learner, loaded from `ckpt`, continued at `epoch` with a new callback of the same arguments."
+    learn = small_learner(seed=1, path=tmp_path)  # another init: everything must come from the checkpoint
+    learn.load(ckpt)
+    loaded = conv_weights(learn.model)
+    cb = SparsifyCallback(**kw)
+    out = fit_capture(learn, N_EPOCH, [cb], start_epoch=epoch)
+    return learn, cb, out, loaded
+
+
+@pytest.mark.parametrize('schedule', [agp, partial(iterative, n_steps=3)], ids=['agp', 'iterative'])
+def test_save_model_callback_resume_prints_the_same_lines(tmp_path, schedule):
+    kw = dict(sparsity=80, schedule=schedule, start_epoch=1)
+    _, _, full = uninterrupted(tmp_path, **kw)
+    lines = epoch_lines(full)
+    assert len(lines) == N_EPOCH and lines[-1] == 80.0
+    k = 2
+    learn, cb, out, at_save = resumed(tmp_path, f'model_{k}', k + 1, **kw)
+    assert epoch_lines(out) == lines[k + 1:]
+    # no line for the skipped epochs, and the final line is the uninterrupted run's
+    assert not re.search(r"end of epoch [0-2]:", out)
+    assert re.search(r"Final Sparsity: 80.00%", out) and re.search(r"Final Sparsity: 80.00%", full)
+    # every weight pruned at the save is still pruned
+    now = conv_weights(learn.model)
+    for n, w in at_save.items():
+        assert (w == 0).any()
+        assert (now[n][w == 0] == 0).all(), n
+
+
+def test_learn_save_after_a_crash_resumes_with_the_same_lines(tmp_path):
+    kw = dict(sparsity=75, schedule=agp, start_epoch=1, granularity='filter')
+    _, _, full = uninterrupted(tmp_path, **kw)
+    crashed = small_learner(path=tmp_path)
+    with pytest.raises(Crash):
+        fit_capture(crashed, N_EPOCH, [SparsifyCallback(**kw), SaveThenCrash(3)])
+    learn, cb, out, at_save = resumed(tmp_path, 'ckpt', 4, **kw)
+    assert epoch_lines(out) == epoch_lines(full)[4:]
+    # the masks the fresh callback starts from are the saved zeros: whole filters
+    assert conv_sparsity(learn.model) == pytest.approx(75, abs=0.01)
+    now = conv_weights(learn.model)
+    for n, w in at_save.items(): assert (now[n][w == 0] == 0).all(), n
+
+
+def test_lth_resume_reads_back_the_original_rewind_weights(tmp_path):
+    kw = dict(sparsity=70, schedule=partial(iterative, n_steps=3), start_epoch=1, lth=True, rewind_epoch=1)
+    learn0, cb0, full = uninterrupted(tmp_path, **kw)
+    assert "Saving Weights at epoch 1" in full
+    state_file = tmp_path / 'models' / SparsifyCallback.state_fname
+    assert state_file.exists()
+    original = {n: t.clone() for n, t in cb0.sparsifier.rewind_weights.items()}
+    learn = small_learner(seed=1, path=tmp_path); learn.load('model_3')
+    cb, seen = SparsifyCallback(**kw), RewoundWeights(original)
+    out = fit_capture(learn, N_EPOCH, [cb, seen], start_epoch=4)
+    assert f"Resuming at epoch 4: read back the rewind weights from {state_file}" in out
+    assert "Saving Weights" not in out  # not taken again from the loaded weights
+    assert epoch_lines(out) == epoch_lines(full)[4:]
+    assert cb.sparsifier.rewind_weights.keys() == original.keys()
+    for n, t in original.items(): assert torch.equal(cb.sparsifier.rewind_weights[n], t), n
+    # iterative's third step falls in epoch 4: the kept weights went back to the original run's epoch-1 weights
+    assert seen.changes == 1
+
+
+class RewoundWeights(Callback):
+    "After each mask change, check the kept weights are the original run's rewind weights (the pruned ones zero)."
+    order = 75  # right after SparsifyCallback
+    def __init__(self, rewind): self.rewind, self.changes = rewind, 0
+    def before_fit(self): self.masks = self.learn.sparsify.sparsifier.masks
+    def before_step(self):
+        sp = self.learn.sparsify.sparsifier
+        if sp.masks is self.masks: return
+        self.masks, self.changes = sp.masks, self.changes + 1
+        for n, m in sp.layers.items():
+            assert torch.equal(m.weight, self.rewind[n] * sp.masks[n]), n
+
+
+def test_lth_resume_before_the_rewind_epoch_takes_the_weights_in_the_resumed_fit(tmp_path):
+    kw = dict(sparsity=70, schedule=agp, start_epoch=3, lth=True, rewind_epoch=3)
+    _, cb0, full = uninterrupted(tmp_path, **kw)
+    (tmp_path / 'models' / SparsifyCallback.state_fname).unlink()  # the resumed fit must not need it
+    learn, cb, out, loaded = resumed(tmp_path, 'model_1', 2, **kw)
+    assert "read back" not in out and "Saving Weights at epoch 3" in out
+    assert epoch_lines(out) == epoch_lines(full)[2:]
+
+
+def test_init_criteria_resume_reads_back_the_reference(tmp_path):
+    # large_init ranks by the 'init' weights only: the masks of a run depend on nothing else, so they must agree
+    kw = dict(sparsity=60, schedule=agp, start_epoch=1, criteria=large_init)
+    _, cb0, full = uninterrupted(tmp_path, **kw)
+    original = {n: t.clone() for n, t in cb0.sparsifier.reference.items()}
+    learn, cb, out, loaded = resumed(tmp_path, 'model_2', 3, **kw)
+    assert "read back the reference weights" in out
+    assert epoch_lines(out) == epoch_lines(full)[3:]
+    for n, t in original.items():
+        assert torch.equal(cb.sparsifier.reference[n], t)
+        assert not torch.equal(t, loaded[n])  # the loaded weights are not the reference
+        assert torch.equal(cb.sparsifier.masks[n], cb0.sparsifier.masks[n]), n
+
+
+def test_resume_without_the_state_file_fails_before_any_weight_changes(tmp_path):
+    kw = dict(sparsity=70, schedule=agp, start_epoch=1, lth=True, rewind_epoch=0)
+    uninterrupted(tmp_path, **kw)
+    (tmp_path / 'models' / SparsifyCallback.state_fname).unlink()
+    learn = small_learner(path=tmp_path); learn.load('model_2')
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    with pytest.raises(FileNotFoundError, match=r"resumes at epoch 3 and needs the rewind weights.*missing"):
+        fit_capture(learn, N_EPOCH, [SparsifyCallback(**kw)], start_epoch=3)
+    for k, v in learn.model.state_dict().items(): assert torch.equal(v, before[k]), k
+
+
+def test_state_file_of_another_model_is_refused(tmp_path):
+    kw = dict(sparsity=50, criteria=movement)
+    learn = small_learner(path=tmp_path, c=3)
+    fit_capture(learn, 2, [SparsifyCallback(**kw)])
+    other = small_learner(path=tmp_path, c=5)  # the first layer has another shape
+    with pytest.raises(ValueError, match="written for other layers"):
+        fit_capture(other, 3, [SparsifyCallback(**kw)], start_epoch=1)
+
+
+def test_pruned_model_loads_strictly_into_a_fresh_learner(tmp_path):
+    learn = small_learner(path=tmp_path)
+    fit_capture(learn, 2, [SparsifyCallback(sparsity=90, granularity='filter', context='global')])
+    learn.save('pruned')
+    fresh = small_learner(seed=3, path=tmp_path)
+    assert fresh.model.state_dict().keys() == learn.model.state_dict().keys()  # no mask buffers or parametrizations
+    fresh.load('pruned')  # fastai's default: strict=True
+    assert conv_sparsity(fresh.model) == pytest.approx(conv_sparsity(learn.model)) and conv_sparsity(fresh.model) > 80
+    for (k, a), b in zip(learn.model.state_dict().items(), fresh.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize('cb_in_learner', [False, True], ids=['fit-cbs', 'learner-cbs'])
+def test_export_and_load_learner_round_trip_a_pruned_learner(tmp_path, cb_in_learner):
+    kw = dict(sparsity=80, schedule=agp, criteria=large_final)
+    learn = small_learner(path=tmp_path, cbs=[SparsifyCallback(**kw)] if cb_in_learner else None)
+    fit_capture(learn, 2, None if cb_in_learner else [SparsifyCallback(**kw)])
+    assert conv_sparsity(learn.model) == pytest.approx(80, abs=0.01)
+    learn.export('pruned.pkl')
+    back = load_learner(tmp_path / 'pruned.pkl')
+    for (k, a), b in zip(learn.model.state_dict().items(), back.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    x = torch.randn(4, 3, 8, 8)
+    learn.model.eval(); back.model.eval()
+    assert torch.equal(learn.model(x), back.model(x))
+    if cb_in_learner:  # the exported callback goes on pruning from the masks it holds
+        cb = back.cbs.filter(lambda c: isinstance(c, SparsifyCallback))[0]
+        assert cb.sparsifier is not None and cb.sparsifier.model is back.model
