@@ -7,6 +7,7 @@ from typing import Callable
 import torch, torch.nn as nn
 from fastai.callback.core import Callback
 from fastai.learner import SkipToEpoch
+from fastai.optimizer import OptimWrapper
 from fastai.torch_core import rank_distrib
 from fastcore.basics import store_attr
 from .criteria import Criteria, large_final
@@ -120,6 +121,14 @@ class SparsifyCallback(Callback):
     def before_fit(self):
         self.active = True
         model = unwrap_model(self.target_model or self.learn.model)
+        # a fit where every pruned weight is frozen (fine_tune's first phase) trains nothing to prune; its epoch
+        # count says nothing of the unfrozen fit's, so the epoch arguments are checked there
+        pruned = [m for m in model.modules()
+                  if isinstance(m, self.layer_type) and isinstance(getattr(m, 'weight', None), torch.Tensor)]
+        if pruned and not any(m.weight.requires_grad for m in pruned):
+            self.active = False
+            self._print("Pruned layers are frozen in this fit: pruning waits for an unfrozen one")
+            return
         n_epoch = self.learn.n_epoch
         if self.start_epoch >= n_epoch:
             raise ValueError(f"start_epoch={self.start_epoch} is past the end of this fit of {n_epoch} epochs "
@@ -141,11 +150,6 @@ class SparsifyCallback(Callback):
             if not self._resume_at: self._restart()
         sp = self.sparsifier
         if isinstance(self.sparsity, dict): sp._targets_per_layer(self.sparsity)  # layer names checked before training
-        # a fit where every pruned weight is frozen (fine_tune's first phase) trains nothing to prune
-        if not any(m.weight.requires_grad for m in sp.layers.values()):
-            self.active = False
-            self._print("Pruned layers are frozen in this fit: pruning waits for an unfrozen one")
-        if not self.active: return
         for i in range(101): self._target_probe(i / 100)
         self.n_iter_fit = len(self.learn.dls.train)
         self._current = self._counts_now()
@@ -238,11 +242,24 @@ class SparsifyCallback(Callback):
     def before_step(self):
         if not (self.active and self.training): return
         step = self.epoch * self.n_iter_fit + self.iter + 1
+        self._stepped = step
         target = self._target(step)
         counts = self._counts(target)
         if counts != self._current and self._due(step):
             self._update_masks(target, counts)
         self._record(step, target)
+
+    def after_cancel_step(self):
+        "A step cancelled before ours (MixedPrecision skips one whose float16 gradients overflowed) still counts."
+        if not (self.active and self.training): return
+        if getattr(self, '_stepped', None) == self.epoch * self.n_iter_fit + self.iter + 1: return  # ours ran
+        # overflowed gradients would give a gradient criteria Inf scores: the next step catches up instead
+        if self.sparsifier.criteria.needs_grad and not self._grads_finite(): return
+        self.before_step()
+
+    def _grads_finite(self) -> bool:
+        gs = [m.weight.grad for m in self.sparsifier.layers.values() if m.weight.grad is not None]
+        return not gs or bool(torch.stack([g.isfinite().all() for g in gs]).all())
 
     def _due(self, step: int) -> bool:
         "Recompute now? Always on an epoch's last step (exact epoch lines) and when pruning starts; else every `frequency` steps."
@@ -251,7 +268,8 @@ class SparsifyCallback(Callback):
 
     def _update_masks(self, target, counts):
         sp = self.sparsifier
-        sp.prune(target, optimizer=self.learn.opt)
+        opt = self.learn.opt  # an OptimWrapper keeps the torch optimizer's per-weight state in .opt
+        sp.prune(target, optimizer=opt.opt if isinstance(opt, OptimWrapper) else opt)
         self._current = counts
         if self.lth and sp.rewind_weights:
             sp.rewind()

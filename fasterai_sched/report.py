@@ -16,7 +16,7 @@ class ReportRow(NamedTuple):
 
 
 def _line(layer, typ, params, zeros, sparsity) -> str:
-    return f"{layer:<30} {typ:<15} {params:<10,} {zeros:<10,} {sparsity:>6.2f}%"
+    return f"{layer:<30} {typ:<15} {params:<10,} {zeros:<10,} {sparsity:>9.2f}%"  # right-aligned under 'Sparsity'
 
 
 @torch.no_grad()

@@ -311,6 +311,7 @@ class Sparsifier:
         self.n_pruned = {**self.n_pruned, **state.get('n_pruned', {})}
         self.sparsity_target = state.get('sparsity_target', 0.)
         self._build_targets()
+        self._update_masked_pct()
         self.apply()
 
     def memory_bytes(self) -> dict[str, int]:

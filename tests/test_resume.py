@@ -6,10 +6,10 @@ from fastai.callback.core import Callback
 from fastai.callback.tracker import SaveModelCallback
 from fastai.learner import load_learner
 from fasterai_sched import SparsifyCallback, agp, iterative, movement, large_init, large_final
-from conftest import small_learner, fit_capture, epoch_lines, conv_sparsity
+from conftest import fit_capture, epoch_lines, conv_sparsity
+from issue6_helpers import fast_learner
 
 N_EPOCH = 6
-ARGS = dict(sparsity=80, start_epoch=1, lth=False)
 
 
 class Crash(RuntimeError): pass
@@ -31,7 +31,7 @@ def conv_weights(model):
 
 def uninterrupted(tmp_path, **kw):
     "The whole run, saving a checkpoint at every epoch; returns its learner, callback and printed text."
-    learn = small_learner(path=tmp_path)
+    learn = fast_learner(path=tmp_path)
     cb = SparsifyCallback(**kw)
     out = fit_capture(learn, N_EPOCH, [cb, SaveModelCallback(every_epoch=True)])
     return learn, cb, out
@@ -39,7 +39,7 @@ def uninterrupted(tmp_path, **kw):
 
 def resumed(tmp_path, ckpt, epoch, **kw):
     "A freshly built learner, loaded from `ckpt`, continued at `epoch` with a new callback of the same arguments."
-    learn = small_learner(seed=1, path=tmp_path)  # another init: everything must come from the checkpoint
+    learn = fast_learner(seed=1, path=tmp_path)  # another init: everything must come from the checkpoint
     learn.load(ckpt)
     loaded = conv_weights(learn.model)
     cb = SparsifyCallback(**kw)
@@ -69,7 +69,7 @@ def test_save_model_callback_resume_prints_the_same_lines(tmp_path, schedule):
 def test_learn_save_after_a_crash_resumes_with_the_same_lines(tmp_path):
     kw = dict(sparsity=75, schedule=agp, start_epoch=1, granularity='filter')
     _, _, full = uninterrupted(tmp_path, **kw)
-    crashed = small_learner(path=tmp_path)
+    crashed = fast_learner(path=tmp_path)
     with pytest.raises(Crash):
         fit_capture(crashed, N_EPOCH, [SparsifyCallback(**kw), SaveThenCrash(3)])
     learn, cb, out, at_save = resumed(tmp_path, 'ckpt', 4, **kw)
@@ -87,7 +87,7 @@ def test_lth_resume_reads_back_the_original_rewind_weights(tmp_path):
     state_file = tmp_path / 'models' / SparsifyCallback.state_fname
     assert state_file.exists()
     original = {n: t.clone() for n, t in cb0.sparsifier.rewind_weights.items()}
-    learn = small_learner(seed=1, path=tmp_path); learn.load('model_3')
+    learn = fast_learner(seed=1, path=tmp_path); learn.load('model_3')
     cb, seen = SparsifyCallback(**kw), RewoundWeights(original)
     out = fit_capture(learn, N_EPOCH, [cb, seen], start_epoch=4)
     assert f"Resuming at epoch 4: read back the rewind weights from {state_file}" in out
@@ -139,7 +139,7 @@ def test_resume_without_the_state_file_fails_before_any_weight_changes(tmp_path)
     kw = dict(sparsity=70, schedule=agp, start_epoch=1, lth=True, rewind_epoch=0)
     uninterrupted(tmp_path, **kw)
     (tmp_path / 'models' / SparsifyCallback.state_fname).unlink()
-    learn = small_learner(path=tmp_path); learn.load('model_2')
+    learn = fast_learner(path=tmp_path); learn.load('model_2')
     before = {k: v.clone() for k, v in learn.model.state_dict().items()}
     with pytest.raises(FileNotFoundError, match=r"resumes at epoch 3 and needs the rewind weights.*missing"):
         fit_capture(learn, N_EPOCH, [SparsifyCallback(**kw)], start_epoch=3)
@@ -148,18 +148,18 @@ def test_resume_without_the_state_file_fails_before_any_weight_changes(tmp_path)
 
 def test_state_file_of_another_model_is_refused(tmp_path):
     kw = dict(sparsity=50, criteria=movement)
-    learn = small_learner(path=tmp_path, c=3)
+    learn = fast_learner(path=tmp_path, c=3)
     fit_capture(learn, 2, [SparsifyCallback(**kw)])
-    other = small_learner(path=tmp_path, c=5)  # the first layer has another shape
+    other = fast_learner(path=tmp_path, c=5)  # the first layer has another shape
     with pytest.raises(ValueError, match="written for other layers"):
         fit_capture(other, 3, [SparsifyCallback(**kw)], start_epoch=1)
 
 
 def test_pruned_model_loads_strictly_into_a_fresh_learner(tmp_path):
-    learn = small_learner(path=tmp_path)
+    learn = fast_learner(path=tmp_path)
     fit_capture(learn, 2, [SparsifyCallback(sparsity=90, granularity='filter', context='global')])
     learn.save('pruned')
-    fresh = small_learner(seed=3, path=tmp_path)
+    fresh = fast_learner(seed=3, path=tmp_path)
     assert fresh.model.state_dict().keys() == learn.model.state_dict().keys()  # no mask buffers or parametrizations
     fresh.load('pruned')  # fastai's default: strict=True
     assert conv_sparsity(fresh.model) == pytest.approx(conv_sparsity(learn.model)) and conv_sparsity(fresh.model) > 80
@@ -170,7 +170,7 @@ def test_pruned_model_loads_strictly_into_a_fresh_learner(tmp_path):
 @pytest.mark.parametrize('cb_in_learner', [False, True], ids=['fit-cbs', 'learner-cbs'])
 def test_export_and_load_learner_round_trip_a_pruned_learner(tmp_path, cb_in_learner):
     kw = dict(sparsity=80, schedule=agp, criteria=large_final)
-    learn = small_learner(path=tmp_path, cbs=[SparsifyCallback(**kw)] if cb_in_learner else None)
+    learn = fast_learner(path=tmp_path, cbs=[SparsifyCallback(**kw)] if cb_in_learner else None)
     fit_capture(learn, 2, None if cb_in_learner else [SparsifyCallback(**kw)])
     assert conv_sparsity(learn.model) == pytest.approx(80, abs=0.01)
     learn.export('pruned.pkl')

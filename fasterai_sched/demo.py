@@ -1,0 +1,487 @@
+"""The main job: the tutorial's experiment end to end, offline: dense training, then one run per schedule, compared."""
+from __future__ import annotations
+import argparse, atexit, csv, os, random, shutil, socket, sys, tempfile, time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np, torch, torch.nn as nn
+from fastai.vision.all import (Callback, DataLoaders, ImageDataLoaders, Resize, URLs, accuracy,
+                               get_image_files, parent_label, set_seed, untar_data, vision_learner)
+from fastai.vision.learner import model_meta
+from fastprogress.fastprogress import format_time
+from .callback import SparsifyCallback
+from .criteria import CRITERIA
+from .granularity import get_granularity
+from .report import sparsity_report
+from .schedules import SCHEDULES
+from .sparsifier import Sparsifier, check_sparsity
+
+__all__ = ['main', 'digits_folder', 'digits_dls', 'folder_dls', 'label_func', 'DEFAULTS', 'QUICK']
+
+PROG = 'fasterai-sched'
+# Chosen so that the default run fits in 10 minutes on 2 CPU cores with agp at 90% within a point of dense.
+DEFAULTS = dict(schedules='one_shot,iterative,agp', sparsity=90., granularity='weight', context='local',
+                criteria='large_final', epochs=8, start_epoch=2, arch='resnet18', size=16, bs=64, lr=1e-2,
+                fit='one_cycle', data='digits', device='auto', out='fasterai_sched_out', seed=42, max_images=None,
+                pretrained='auto')
+QUICK = dict(epochs=3, start_epoch=1, size=16, max_images=600)  # about a minute on 2 cores
+VALID_PCT = 0.2
+MIN_IMAGES = 10
+
+
+class UsageError(Exception):
+    "A bad option: `option` is named in the one-line message."
+    def __init__(self, option: str, message: str):
+        super().__init__(f"{option}: {' '.join(str(message).split())}")
+
+
+# ---- data ----
+def label_func(f: str) -> bool:
+    "The seed's rule for the pets images: a file name that starts with an uppercase letter is a cat."
+    return f[0].isupper()
+
+
+def digits_folder(dest: str | Path | None = None, max_images: int | None = None, seed: int = 0) -> Path:
+    "Write scikit-learn's digits as 8x8 grayscale PNGs, one folder per label (`dest`, or a temporary folder removed at exit)."
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    idx = _subset(len(digits.target), max_images, seed)
+    if dest is None:
+        dest = Path(tempfile.mkdtemp(prefix='fasterai_sched_digits_'))
+        atexit.register(shutil.rmtree, dest, ignore_errors=True)
+    dest = Path(dest)
+    for i in idx:
+        label_dir = dest / str(digits.target[i]); label_dir.mkdir(parents=True, exist_ok=True)
+        pixels = np.round(digits.images[i] * 255 / 16).astype(np.uint8)  # digits' values run 0..16
+        Image.fromarray(pixels, mode='L').save(label_dir / f"{i:04d}.png")
+    return dest
+
+
+def _subset(n: int, max_images: int | None, seed: int) -> list[int]:
+    "Indices of `max_images` of `n` items drawn with `seed` (all of them when None), in order."
+    if max_images is None or max_images >= n: return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), max_images))
+
+
+def folder_dls(path: str | Path, files: Sequence[Path] | None = None, by_name: bool = False, size: int = 16,
+               bs: int = 64, seed: int = 42, device=None, num_workers: int | None = None) -> DataLoaders:
+    "fastai `ImageDataLoaders` over `files` under `path`, labelled by parent folder or, `by_name`, by the seed's `label_func`."
+    path = Path(path)
+    files = list(files) if files is not None else get_image_files(path)
+    device = torch.device(device) if device is not None else None
+    if num_workers is None: num_workers = 0 if device is None or device.type == 'cpu' else min(4, os.cpu_count() or 1)
+    kw = dict(valid_pct=VALID_PCT, seed=seed, item_tfms=Resize(size), bs=bs, device=device, num_workers=num_workers)
+    if by_name: return ImageDataLoaders.from_name_func(path, files, label_func, **kw)
+    return ImageDataLoaders.from_path_func(path, files, parent_label, **kw)
+
+
+def digits_dls(size: int = 16, bs: int = 64, seed: int = 42, device=None, max_images: int | None = None) -> DataLoaders:
+    "DataLoaders over scikit-learn's digits (8x8, upscaled to `size`, 3 channels); 20% held out for validation."
+    return folder_dls(digits_folder(max_images=max_images, seed=seed), size=size, bs=bs, seed=seed, device=device)
+
+
+@dataclass
+class Data:
+    "Where the images are and how they are labelled."
+    name: str
+    path: Path
+    files: list[Path]
+    by_name: bool
+
+    @property
+    def labelling(self) -> str:
+        return "file name, first letter uppercase (the seed's label_func)" if self.by_name else "parent folder"
+
+
+def resolve_data(spec: str, max_images: int | None, seed: int) -> Data:
+    "The images `--data` names: 'digits', 'pets' (downloaded by fastai) or a folder; raises `UsageError` if unusable."
+    if spec == 'digits':
+        path = digits_folder(max_images=max_images, seed=seed)
+        return Data('digits', path, sorted(get_image_files(path)), by_name=False)
+    if spec == 'pets':
+        path = _download_pets() / 'images'
+        return _from_files('pets', path, sorted(get_image_files(path)), True, max_images, seed)
+    path = Path(spec).expanduser()
+    if not path.is_dir(): raise UsageError('--data', f"{spec!r} is not 'digits', 'pets' or an existing folder")
+    files = sorted(get_image_files(path))
+    classes = {f.parent for f in files}
+    return _from_files(str(path), path, files, len(classes) < 2, max_images, seed)
+
+
+def _download_pets() -> Path:
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)
+    try: return untar_data(URLs.PETS)
+    except Exception as e:
+        raise UsageError('--data', f"pets could not be downloaded from {URLs.PETS} ({type(e).__name__}: {e}); "
+                                   "use --data digits offline") from e
+    finally: socket.setdefaulttimeout(old)
+
+
+def _from_files(name: str, path: Path, files: list[Path], by_name: bool, max_images: int | None, seed: int) -> Data:
+    files = [files[i] for i in _subset(len(files), max_images, seed)]
+    if len(files) < MIN_IMAGES:
+        raise UsageError('--data', f"{name}: found {len(files)} images, need at least {MIN_IMAGES}")
+    labels = {label_func(f.name) for f in files} if by_name else {f.parent.name for f in files}
+    if len(labels) < 2:
+        rule = ("all images sit in one folder and their names give one class (the seed's rule: first letter "
+                "uppercase); put each class in its own subfolder") if by_name else "the images have one label"
+        raise UsageError('--data', f"{name}: {rule}")
+    _check_readable(name, files)
+    return Data(name, path, files, by_name)
+
+
+def _check_readable(name: str, files: list[Path], n: int = 20) -> None:
+    from PIL import Image
+    for f in files[:: max(1, len(files) // n)]:
+        try:
+            with Image.open(f) as im: im.verify()
+        except Exception as e: raise UsageError('--data', f"{name}: cannot read image {f} ({e})") from e
+
+
+# ---- options ----
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        "One line, naming the option, exit code 2 (argparse's usage line goes to --help)."
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
+
+
+def _int_at_least(low: int):
+    def parse(s: str) -> int:
+        try: v = int(s)
+        except ValueError: raise argparse.ArgumentTypeError(f"invalid integer {s!r}")
+        if v < low: raise argparse.ArgumentTypeError(f"{v} is below the minimum {low}")
+        return v
+    return parse
+
+
+def _positive_float(s: str) -> float:
+    try: v = float(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"invalid number {s!r}")
+    if not v > 0 or v == float('inf'): raise argparse.ArgumentTypeError(f"{s} must be a positive number")
+    return v
+
+
+def _number(s: str) -> float:
+    try: return float(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"invalid number {s!r}")
+
+
+def arch_names() -> list[str]:
+    "Architectures `--arch` accepts: those fastai's `vision_learner` knows how to cut."
+    return [a.__name__ for a in model_meta]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DEFAULTS
+    p = _Parser(prog=PROG, description="Train a network dense, then sparsified once per schedule with the same number "
+                "of epochs, and compare: the fasterai schedules tutorial, offline, on scikit-learn's digits.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--schedules', default=d['schedules'], help=f"comma-separated, from {', '.join(SCHEDULES)}")
+    p.add_argument('--sparsity', type=_number, default=d['sparsity'], help="final sparsity, percent")
+    p.add_argument('--granularity', default=d['granularity'], help="weight, kernel, filter, channel or an N:M pattern")
+    p.add_argument('--context', default=d['context'], choices=['local', 'global'])
+    p.add_argument('--criteria', default=d['criteria'], choices=sorted(CRITERIA), metavar='NAME',
+                   help=f"one of {', '.join(sorted(CRITERIA))}")
+    p.add_argument('--epochs', type=_int_at_least(1), default=None, help=f"epochs per run [{d['epochs']}; --quick {QUICK['epochs']}]")
+    p.add_argument('--start-epoch', type=_int_at_least(0), default=None,
+                   help=f"first epoch with pruning [{d['start_epoch']}; --quick {QUICK['start_epoch']}]")
+    p.add_argument('--arch', default=d['arch'], choices=arch_names(), metavar='NAME', help="resnet18, resnet34, xresnet18, ...")
+    p.add_argument('--size', type=_int_at_least(1), default=None, help=f"image size in pixels [{d['size']}]")
+    p.add_argument('--bs', type=_int_at_least(1), default=d['bs'], help="batch size")
+    p.add_argument('--lr', type=_positive_float, default=d['lr'], help="learning rate (the peak, with --fit one_cycle)")
+    p.add_argument('--fit', default=d['fit'], choices=['one_cycle', 'fit'],
+                   help="learn.fit_one_cycle or learn.fit (constant rate), the same for every run")
+    p.add_argument('--data', default=d['data'], help="digits, pets (downloaded by fastai) or a folder of images labelled "
+                   "by subfolder, or by the seed's rule (file name starting uppercase) when flat")
+    p.add_argument('--max-images', type=_int_at_least(MIN_IMAGES), default=None,
+                   help=f"use a random subset of this many images [all; --quick {QUICK['max_images']}]")
+    p.add_argument('--pretrained', default=d['pretrained'], choices=['auto', 'yes', 'no'],
+                   help="ImageNet weights: auto uses them when they can be fetched, else trains from random init")
+    p.add_argument('--device', default=d['device'], choices=['auto', 'cpu', 'cuda'])
+    p.add_argument('--out', default=d['out'], help="folder for the plots and results.csv")
+    p.add_argument('--quick', action='store_true', help="a run of about one minute: " +
+                   ', '.join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
+    p.add_argument('--seed', type=int, default=d['seed'])
+    return p
+
+
+@dataclass
+class Config:
+    schedules: list[str]
+    sparsity: float
+    granularity: str
+    context: str
+    criteria: str
+    epochs: int
+    start_epoch: int
+    arch: str
+    size: int
+    bs: int
+    lr: float
+    fit: str
+    device: torch.device
+    out: Path
+    seed: int
+    max_images: int | None
+    pretrained: str
+    data_spec: str
+    quick: bool
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    "Fill the --quick and default values, and check every option that needs no data; raises `UsageError`."
+    base = {**DEFAULTS, **(QUICK if args.quick else {})}
+    pick = lambda k: getattr(args, k) if getattr(args, k) is not None else base[k]
+    epochs, start_epoch, size, max_images = pick('epochs'), pick('start_epoch'), pick('size'), pick('max_images')
+    if args.start_epoch is None and start_epoch >= epochs: start_epoch = epochs * start_epoch // base['epochs']
+    if start_epoch >= epochs:
+        raise UsageError('--start-epoch', f"{start_epoch} must be below --epochs {epochs} (allowed: 0 to {epochs - 1})")
+    schedules = [s.strip() for s in args.schedules.split(',') if s.strip()]
+    if not schedules: raise UsageError('--schedules', "give at least one schedule")
+    for s in schedules:
+        if s not in SCHEDULES: raise UsageError('--schedules', f"{s!r} is not a schedule; choose from {', '.join(SCHEDULES)}")
+    dup = sorted({s for s in schedules if schedules.count(s) > 1})
+    if dup: raise UsageError('--schedules', f"{dup[0]!r} is listed twice")
+    try: check_sparsity(args.sparsity, '--sparsity')
+    except (TypeError, ValueError) as e: raise UsageError('--sparsity', e) from e
+    try: get_granularity(args.granularity, nn.Conv2d)
+    except (TypeError, ValueError) as e: raise UsageError('--granularity', e) from e
+    return Config(schedules, float(args.sparsity), args.granularity, args.context, args.criteria, epochs, start_epoch,
+                  args.arch, size, args.bs, args.lr, args.fit, _device(args.device), _out_folder(args.out), args.seed,
+                  max_images, args.pretrained, args.data, args.quick)
+
+
+def _device(name: str) -> torch.device:
+    if name == 'cuda' and not torch.cuda.is_available(): raise UsageError('--device', "cuda asked for, but CUDA is not available")
+    if name == 'auto': name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    return torch.device(name)
+
+
+def _out_folder(out: str) -> Path:
+    "The output folder, checked (not created): it must be a folder or creatable in a writable place."
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir(): raise UsageError('--out', f"{out!r} exists and is not a folder")
+    parent = path
+    while not parent.exists(): parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError('--out', f"{out!r} cannot be written ({parent} is not a writable folder)")
+    return path
+
+
+def get_arch(name: str) -> Callable:
+    return next(a for a in model_meta if a.__name__ == name)
+
+
+def check_model(cfg: Config, n_classes: int = 10) -> None:
+    "Build the network once on CPU: the architecture must take `size`-pixel images and the sparsifier its layers."
+    from fastai.vision.learner import create_vision_model
+    try:
+        model = create_vision_model(get_arch(cfg.arch), n_classes, pretrained=False).eval()
+        with torch.no_grad(): model(torch.zeros(2, 3, cfg.size, cfg.size))
+    except Exception as e:
+        raise UsageError('--size', f"{cfg.arch} cannot take {cfg.size}-pixel images ({type(e).__name__}: {e})") from e
+    try: Sparsifier(model, cfg.granularity, cfg.context, CRITERIA[cfg.criteria])
+    except (TypeError, ValueError) as e: raise UsageError('--granularity', f"{e}") from e
+
+
+def pretrained_weights(cfg: Config) -> bool:
+    "Whether ImageNet weights can be used: from torch's cache or a download; `--pretrained yes` fails when they cannot."
+    if cfg.pretrained == 'no': return False
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(15)
+    try:
+        arch = get_arch(cfg.arch)
+        weights = model_meta[arch].get('weights')
+        arch(weights=weights) if weights else arch(pretrained=True)  # downloads to torch's cache if needed
+        return True
+    except Exception as e:
+        if cfg.pretrained == 'yes':
+            raise UsageError('--pretrained', f"ImageNet weights for {cfg.arch} could not be fetched ({type(e).__name__}: {e})") from e
+        print(f"ImageNet weights for {cfg.arch} are not reachable ({type(e).__name__}): training from random init "
+              "(pretrained=False)")
+        return False
+    finally: socket.setdefaulttimeout(old)
+
+
+# ---- training ----
+class TableLogger(Callback):
+    "fastai's progress table, one plain line per epoch, for output that is not a terminal (logs, CI, pipes)."
+    order = 60
+
+    def before_fit(self):
+        self.widths = [max(len(n), 9) for n in self.recorder.metric_names]
+        self.old_logger, self.learn.logger = self.learn.logger, self._write
+        self._write(self.recorder.metric_names)
+
+    def _write(self, log):
+        cells = [f"{v:.6f}" if isinstance(v, float) else str(v) for v in log]
+        print('  '.join(f"{c:<{w}}" for c, w in zip(cells, self.widths)).rstrip(), flush=True)
+
+    def after_fit(self): self.learn.logger = self.old_logger
+
+
+@dataclass
+class RunResult:
+    name: str
+    sparsity: float
+    accuracies: list[float]
+    seconds: float
+    callback: SparsifyCallback | None = None
+
+    @property
+    def accuracy(self) -> float: return self.accuracies[-1]
+
+
+def fit_call(cfg: Config, cb: str = '') -> str:
+    "The fastai call this run makes, as the user would type it."
+    f = f"learn.fit_one_cycle({cfg.epochs}, {cfg.lr:g}" if cfg.fit == 'one_cycle' else f"learn.fit({cfg.epochs}, {cfg.lr:g}"
+    return f + (f", cbs={cb})" if cb else ")")
+
+
+def callback_call(cfg: Config, schedule: str) -> str:
+    return (f"SparsifyCallback(sparsity={cfg.sparsity:g}, granularity={cfg.granularity!r}, context={cfg.context!r}, "
+            f"criteria={cfg.criteria}, schedule={schedule}, start_epoch={cfg.start_epoch})")
+
+
+def train(cfg: Config, data: Data, pretrained: bool, schedule: str | None, bar: bool) -> RunResult:
+    "One run from the same seed: a fresh learner (same initial weights, same batches), dense or with `schedule`."
+    set_seed(cfg.seed, reproducible=True)
+    dls = folder_dls(data.path, data.files, data.by_name, cfg.size, cfg.bs, cfg.seed, cfg.device)
+    learn = vision_learner(dls, get_arch(cfg.arch), metrics=accuracy, pretrained=pretrained)
+    learn.unfreeze()
+    cbs = []
+    if schedule is not None:
+        cbs.append(SparsifyCallback(sparsity=cfg.sparsity, granularity=cfg.granularity, context=cfg.context,
+                                    criteria=CRITERIA[cfg.criteria], schedule=SCHEDULES[schedule],
+                                    start_epoch=cfg.start_epoch))
+    if not bar: cbs.append(TableLogger())
+    fit = learn.fit_one_cycle if cfg.fit == 'one_cycle' else learn.fit
+    start = time.perf_counter()
+    if bar: fit(cfg.epochs, cfg.lr, cbs=cbs)
+    else:
+        with learn.no_bar(): fit(cfg.epochs, cfg.lr, cbs=cbs)
+    seconds = time.perf_counter() - start
+    i = learn.recorder.metric_names.index('accuracy') - 1
+    accs = [100 * float(v[i]) for v in learn.recorder.values]
+    sparsity = sparsity_report(learn.model, verbose=False)[-1].sparsity
+    return RunResult(schedule or 'dense', sparsity, accs, seconds, cbs[0] if schedule else None)
+
+
+# ---- results ----
+def comparison_table(results: list[RunResult]) -> str:
+    "schedule, final sparsity, accuracy, change against dense (points), training time."
+    dense = next((r for r in results if r.name == 'dense'), None)
+    rows = [('schedule', 'sparsity', 'accuracy', 'vs dense', 'time')]
+    for r in results:
+        delta = '—' if r is dense or dense is None else f"{r.accuracy - dense.accuracy:+.2f}"
+        rows.append((r.name, f"{r.sparsity:.2f}%", f"{r.accuracy:.2f}%", delta, format_time(r.seconds)))
+    w = [max(len(row[j]) for row in rows) for j in range(5)]
+    line = lambda row: '  '.join([f"{row[0]:<{w[0]}}"] + [f"{c:>{w[j]}}" for j, c in enumerate(row) if j]).rstrip()
+    rule = '-' * len(line(rows[0]))
+    return '\n'.join([line(rows[0]), rule, *map(line, rows[1:])])
+
+
+def write_csv(results: list[RunResult], path: Path) -> None:
+    dense = next((r for r in results if r.name == 'dense'), None)
+    with open(path, 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['schedule', 'sparsity', 'accuracy', 'vs_dense', 'seconds'])
+        for r in results:
+            w.writerow([r.name, f"{r.sparsity:.4f}", f"{r.accuracy:.4f}",
+                        '' if dense is None else f"{r.accuracy - dense.accuracy:.4f}", f"{r.seconds:.1f}"])
+
+
+def plot_sparsity(results: list[RunResult], path: Path) -> None:
+    "One panel per schedule: target and measured sparsity over training (`SparsifyCallback.plot`)."
+    from matplotlib.figure import Figure
+    runs = [r for r in results if r.callback is not None]
+    ncols = min(3, len(runs)); nrows = -(-len(runs) // ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.2 * nrows), layout='constrained')
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=True)).flatten()
+    for ax, r in zip(axes, runs):
+        r.callback.plot(ax=ax)
+        ax.set_title(f"{r.name}: final {r.sparsity:.2f}%", fontsize=10)
+    for ax in axes[len(runs):]: ax.set_visible(False)
+    fig.savefig(path, dpi=80)
+
+
+def plot_accuracy(results: list[RunResult], cfg: Config, path: Path) -> None:
+    "Validation accuracy per epoch for every run, and the final accuracy per schedule."
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(10, 3.6), layout='constrained')
+    left, right = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[3, 2]))
+    for r in results:
+        left.plot(range(1, len(r.accuracies) + 1), r.accuracies, marker='o', ms=3, label=r.name,
+                  ls='--' if r.name == 'dense' else '-', color='black' if r.name == 'dense' else None)
+    left.axvline(cfg.start_epoch + .5, color='grey', lw=.8, ls=':')
+    left.set(xlabel='epoch', ylabel='validation accuracy (%)', title='accuracy per epoch')
+    left.legend(fontsize=8); left.grid(alpha=.3)
+    names, accs = [r.name for r in results], [r.accuracy for r in results]
+    bars = right.bar(names, accs, color=['black' if n == 'dense' else f"C{i}" for i, n in enumerate(names)])
+    right.bar_label(bars, fmt='%.2f', fontsize=8)
+    low = min(accs)
+    right.set(ylim=(max(0, low - max(2, (100 - low) * .5)), 100), ylabel='final accuracy (%)',
+              title=f"final accuracy at {cfg.sparsity:g}% sparsity")
+    right.tick_params(axis='x', labelrotation=20, labelsize=8); right.grid(alpha=.3, axis='y')
+    fig.savefig(path, dpi=80)
+
+
+# ---- the job ----
+def _heading(text: str) -> None:
+    print(f"\n{'=' * 100}\n{text}\n{'=' * 100}", flush=True)
+
+
+def run(cfg: Config, data: Data, pretrained: bool, bar: bool) -> list[RunResult]:
+    n = len(cfg.schedules) + 1
+    _heading(f"[1/{n}] dense baseline: vision_learner(dls, {cfg.arch}, metrics=accuracy, pretrained={pretrained}); "
+             f"{fit_call(cfg)}")
+    results = [train(cfg, data, pretrained, None, bar)]
+    for i, s in enumerate(cfg.schedules, 2):
+        _heading(f"[{i}/{n}] {s}: {fit_call(cfg, callback_call(cfg, s))}")
+        results.append(train(cfg, data, pretrained, s, bar))
+    return results
+
+
+def describe(cfg: Config, data: Data, pretrained: bool) -> str:
+    n_valid = int(len(data.files) * VALID_PCT)
+    src = "scikit-learn's digits, 8x8 grayscale" if data.name == 'digits' else data.name
+    return (f"{PROG}: {cfg.arch} on {src} ({len(data.files):,} images: {len(data.files) - n_valid:,} train, {n_valid:,} "
+            f"valid; labels from {data.labelling}) resized to {cfg.size} px, 3 channels, on {cfg.device}\n"
+            f"runs: dense, then {', '.join(cfg.schedules)}; {cfg.epochs} epochs each ({cfg.fit}, lr {cfg.lr:g}, "
+            f"bs {cfg.bs}, seed {cfg.seed}, {'ImageNet weights' if pretrained else 'random init'}); pruning to "
+            f"{cfg.sparsity:g}% {cfg.granularity}/{cfg.context} by {cfg.criteria} from epoch {cfg.start_epoch}\n"
+            f"output folder: {cfg.out}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    "Run the demo; returns the exit code (2 for a bad option, with nothing written)."
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = make_config(args)
+        check_model(cfg)
+        for s in cfg.schedules:  # the callback's own checks, before anything trains
+            SparsifyCallback(sparsity=cfg.sparsity, granularity=cfg.granularity, context=cfg.context,
+                             criteria=CRITERIA[cfg.criteria], schedule=SCHEDULES[s], start_epoch=cfg.start_epoch)
+        data = resolve_data(cfg.data_spec, cfg.max_images, cfg.seed)
+        pretrained = pretrained_weights(cfg)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    print(describe(cfg, data, pretrained), flush=True)
+    total = time.perf_counter()
+    results = run(cfg, data, pretrained, bar=sys.stdout.isatty())
+    plots = [cfg.out / 'sparsity.png', cfg.out / 'accuracy.png']
+    if any(r.callback for r in results): plot_sparsity(results, plots[0])
+    else: plots.pop(0)
+    plot_accuracy(results, cfg, plots[-1])
+    write_csv(results, cfg.out / 'results.csv')
+    _heading(f"Comparison: accuracy on {int(len(data.files) * VALID_PCT):,} validation images after {cfg.epochs} "
+             f"epochs; vs dense in accuracy points")
+    print(comparison_table(results))
+    print(f"\ntotal time {format_time(time.perf_counter() - total)}; plots and results.csv in {cfg.out}/: "
+          f"{', '.join(p.name for p in plots)}", flush=True)
+    return 0
