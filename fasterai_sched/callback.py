@@ -72,6 +72,8 @@ class SparsifyCallback(Callback):
         else: check_sparsity(sparsity)
         check_sparsity(start_sparsity, 'start_sparsity')
         if not callable(schedule): raise TypeError(f"schedule={schedule!r} must be a function f(start, end, pos)")
+        # fail on a bad criteria, layer_type or round_to now, not once training has started
+        Sparsifier.check_args(context, criteria, layer_type, round_to)
         get_granularity(granularity, layer_type)  # raises on an unknown name, listing the valid ones
         _check_int('start_epoch', start_epoch); _check_int('end_epoch', end_epoch, 1, allow_none=True)
         _check_int('rewind_epoch', rewind_epoch); _check_int('frequency', frequency, 1, allow_none=True)
@@ -81,8 +83,6 @@ class SparsifyCallback(Callback):
         store_attr('sparsity,granularity,context,criteria,schedule,start_sparsity,start_epoch,end_epoch,lth,'
                    'rewind_epoch,reset_end,save_tickets,round_to,layer_type,verbose,frequency,seed')
         self.target_model, self.sparsifier, self.history, self._steps_in_epoch = model, None, [], 0
-        # fail on a bad criteria or round_to now, not once training has started
-        Sparsifier.check_args(context, criteria, layer_type, round_to)
 
     # ---- helpers ----
     def _print(self, *args):
@@ -101,7 +101,10 @@ class SparsifyCallback(Callback):
         return self._scheduled(self.start_sparsity, self.sparsity, pos)
 
     def _scheduled(self, start, end, pos) -> float:
-        value = self.schedule(start, end, pos)
+        try: value = self.schedule(start, end, pos)
+        except TypeError as e:
+            raise TypeError(f"schedule={getattr(self.schedule, '__name__', self.schedule)!r} failed when called as "
+                            f"f(start, end, pos): {e}") from e
         if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value <= 100:
             raise ValueError(f"schedule={getattr(self.schedule, '__name__', self.schedule)!r} returned {value!r} at "
                              f"pos={pos:.4f}; a schedule must return a percentage in [0, 100]")
@@ -150,6 +153,9 @@ class SparsifyCallback(Callback):
             if not self._resume_at: self._restart()
         sp = self.sparsifier
         if isinstance(self.sparsity, dict): sp._targets_per_layer(self.sparsity)  # layer names checked before training
+        finite = torch.stack([m.weight.isfinite().all() for m in sp.layers.values()]).tolist()
+        bad = [n for n, ok in zip(sp.layers, finite) if not ok]
+        if bad: raise ValueError(f"layer {bad[0]!r} has NaN or Inf weights: they cannot be ranked for pruning")
         for i in range(101): self._target_probe(i / 100)
         self.n_iter_fit = len(self.learn.dls.train)
         self._current = self._counts_now()

@@ -309,7 +309,7 @@ def pretrained_weights(cfg: Config) -> bool:
 # ---- training ----
 class TableLogger(Callback):
     "fastai's progress table, one plain line per epoch, for output that is not a terminal (logs, CI, pipes)."
-    order = 60
+    order = 71  # header after SparsifyCallback's first line, as in the seed
 
     def before_fit(self):
         self.widths = [max(len(n), 9) for n in self.recorder.metric_names]

@@ -77,6 +77,8 @@ class Sparsifier:
     def __init__(self, model: nn.Module, granularity: str | Granularity = 'weight', context: str = 'local',
                  criteria: Criteria | str = large_final, layer_type: type = nn.Conv2d, round_to: int | None = None,
                  seed: int = 0):
+        if not isinstance(model, nn.Module): raise TypeError(f"model={model!r} must be an nn.Module")
+        if isinstance(seed, bool) or not isinstance(seed, int): raise TypeError(f"seed={seed!r} must be an integer")
         criteria = self.check_args(context, criteria, layer_type, round_to)
         self.model, self.context, self.criteria, self.round_to, self.seed = unwrap_model(model), context, criteria, round_to, seed
         self.layers = {n: m for n, m in self.model.named_modules()

@@ -27,7 +27,7 @@ def small_dls(n=96, bs=24, size=8, c=3, seed=0, device='cpu'):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, size, size, generator=g); y = (x.mean((1, 2, 3)) > 0).long()
     ds = list(zip(x, y)); cut = int(n * .75)
-    return DataLoaders.from_dsets(ds[:cut], ds[cut:], bs=bs, device=torch.device(device))
+    return DataLoaders.from_dsets(ds[:cut], ds[cut:], bs=bs, num_workers=0, device=torch.device(device))
 
 
 def small_learner(seed=0, model=None, c=3, device='cpu', **kw):

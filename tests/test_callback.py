@@ -13,10 +13,11 @@ from fastai.torch_core import params
 from fastai.vision.all import vision_learner, resnet18, CrossEntropyLossFlat
 import fasterai_sched as fs
 from fasterai_sched import SparsifyCallback, sparsity_report
-from conftest import small_learner, small_dls, small_net, even_net, fit_capture, epoch_lines, conv_sparsity, cuda
+from conftest import small_learner, small_dls, small_net, even_net, epoch_lines, conv_sparsity, cuda
 
 SCHEDULES = [fs.one_shot, fs.iterative, fs.agp, fs.one_cycle, fs.cos, fs.lin, fs.dsd]
 RULE = '-' * 80
+ROUND = 0.0051  # a printed line is the measured percent to 2 decimals: half a unit, and float noise
 
 
 # ---- helpers ----
@@ -110,7 +111,7 @@ def test_seed_epoch_lines_are_the_weights_sparsity(case):
     got = epoch_lines(text)
     assert len(got) == 10
     assert got == pytest.approx(want, abs=0.011)
-    assert got == pytest.approx(probe.epochs, abs=0.005)  # the line is the weights, rounded to 2 decimals
+    assert got == pytest.approx(probe.epochs, abs=ROUND)  # the line is the weights, rounded to 2 decimals
     assert 'Final Sparsity: 90.00%' in text
 
 
@@ -131,12 +132,12 @@ def test_start_sparsity_and_end_epoch_shape_the_window():
     got = epoch_lines(run(learn, 5, [cb, probe]))
     want = expected_epoch_lines(fs.lin, 75, 5, [576, 576], start_epoch=1, end_epoch=3, start_sparsity=25)
     assert want == [25, 50, 75, 75, 75]
-    assert got == pytest.approx(want, abs=0.005) and probe.epochs == pytest.approx(want, abs=1e-9)
+    assert got == pytest.approx(want, abs=ROUND) and probe.epochs == pytest.approx(want, abs=1e-9)
 
 
 # ---- every schedule, both contexts, weight and filter ----
-DEAD_FILTER = ("Sparifier bug: a regrown filter restarts with its BatchNorm weight at 0, so its conv weights get no "
-               "gradient and stay zero: dsd with 'filter' never returns to dense")
+DEAD_FILTER = ("contract conflict, reported: a filter regrown at the last step restarts from zero with its bias and "
+               "BatchNorm at zero, so ReLU(0) passes no gradient and it is still zero when Final Sparsity is measured")
 
 
 @pytest.mark.parametrize('granularity', ['weight', 'filter'])
@@ -163,7 +164,8 @@ def test_every_schedule_ends_at_its_target(schedule, context, granularity, reque
 
 # ---- what is printed ----
 def _report_lines(rows):
-    line = lambda n, t, p, z, s: f"{n:<30} {t:<15} {p:<10,} {z:<10,} {s:>6.2f}%"
+    # the percent right-aligned under the header
+    line = lambda n, t, p, z, s: f"{n:<30} {t:<15} {p:<10,} {z:<10,} {s:>9.2f}%"
     head = f"{'Layer':<30} {'Type':<15} {'Params':<10} {'Zeros':<10} {'Sparsity':>10}"
     return ['Sparsity Report:', RULE, head, RULE, *[line(*r) for r in rows[:-1]], RULE, line(*rows[-1])]
 
@@ -237,7 +239,8 @@ class ZeroAtForward:
             tensors = [mod.weight[pruned]]
             if keep.shape[1:].numel() == 1:  # a mask per filter: its bias and BatchNorm too
                 gone = ~keep.flatten()
-                tensors += [mod.bias[gone]] + ([self.bn[name].weight[gone], self.bn[name].bias[gone]] if name in self.bn else [])
+                tensors.append(mod.bias[gone])
+                if name in self.bn: tensors += [self.bn[name].weight[gone], self.bn[name].bias[gone]]
             if any((t != 0).any() for t in tensors): self.bad.append((name, mod.training))
             self.checked[mod.training] += 1
         return hook
@@ -289,10 +292,11 @@ class RegrowthCheck(Callback):
                 if (self.before.state[n][k][regrown] != 0).any(): self.stale_before += 1
 
 
-@pytest.mark.parametrize('opt', ['sgd_momentum', 'adamw', 'torch_adamw'])
-def test_dsd_regrown_weights_restart_from_zero_with_fresh_optimizer_state(opt):
+@pytest.mark.parametrize('opt, granularity', [('sgd_momentum', 'weight'), ('adamw', 'weight'), ('torch_adamw', 'weight'),
+                                              ('adamw', 'filter')])
+def test_dsd_regrown_weights_restart_from_zero_with_fresh_optimizer_state(opt, granularity):
     learn = learner(opt_func=OPTIMIZERS[opt], wd=0.01)
-    cb = SparsifyCallback(sparsity=80, schedule=fs.dsd)
+    cb = SparsifyCallback(sparsity=80, granularity=granularity, schedule=fs.dsd)
     before = StateBefore(cb)
     check = RegrowthCheck(cb, before)
     text = run(learn, 3, [cb, before, check], lr=1e-2)
@@ -362,7 +366,7 @@ def test_fit_one_cycle_epoch_lines():
     cb = SparsifyCallback(sparsity=75, schedule=fs.agp, start_epoch=1)
     got = epoch_lines(run(learn, 4, [cb, probe], how='fit_one_cycle'))
     want = expected_epoch_lines(fs.agp, 75, 4, [576, 576], start_epoch=1)
-    assert got == pytest.approx(want, abs=0.005) and probe.epochs == pytest.approx(want, abs=1e-9)
+    assert got == pytest.approx(want, abs=ROUND) and probe.epochs == pytest.approx(want, abs=1e-9)
 
 
 class PerFit(Callback):
@@ -385,7 +389,7 @@ def test_fine_tune_prunes_in_the_unfrozen_phase(start_epoch):
     cb = SparsifyCallback(sparsity=75, schedule=fs.agp, start_epoch=start_epoch)
     text = run(learn, 2, [cb, per_fit], how='fine_tune', freeze_epochs=1)
     assert per_fit.moved == [False, True] and per_fit.sparsity == [0., 75.]
-    assert epoch_lines(text) == pytest.approx(expected_epoch_lines(fs.agp, 75, 2, [576, 576], start_epoch), abs=0.005)
+    assert epoch_lines(text) == pytest.approx(expected_epoch_lines(fs.agp, 75, 2, [576, 576], start_epoch), abs=ROUND)
     assert text.count('Pruning of weight until a sparsity of 75%') == 1 and 'Final Sparsity: 75.00%' in text
 
 
@@ -401,6 +405,8 @@ def test_fine_tune_vision_learner_resnet18():
 
 
 @pytest.mark.parametrize('precision', ['to_fp16', 'to_bf16'])
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="with CUDA present, MixedPrecision autocasts and scales for CUDA: the cuda test covers it")
 def test_fastai_mixed_precision_callbacks(precision):
     # fastai 2.8's MixedPrecision autocasts with device 'cuda', so on CPU it runs in float32: this checks that the
     # callbacks work together (event order, the GradScaler's fake step); the cuda tests below check real precision.
@@ -411,7 +417,7 @@ def test_fastai_mixed_precision_callbacks(precision):
     finally: watch.remove()
     assert any(isinstance(c, MixedPrecision) for c in learn.cbs)
     want = expected_epoch_lines(fs.agp, 75, 3, [576, 576])
-    assert got == pytest.approx(want, abs=0.005) and probe.epochs == pytest.approx(want, abs=1e-9)
+    assert got == pytest.approx(want, abs=ROUND) and probe.epochs == pytest.approx(want, abs=1e-9)
     assert watch.bad == [] and watch.checked[True] > 0
 
 
@@ -433,7 +439,7 @@ def test_cpu_bfloat16_autocast():
     finally: h.remove(); watch.remove()
     assert torch.bfloat16 in dtypes  # really ran in bf16
     want = [100 * math.floor(Fraction(fs.agp(0, 75, (e + 1) / 3)) * 8 / 100) / 8 for e in range(3)]
-    assert got == pytest.approx(want, abs=0.005) and probe.epochs == pytest.approx(want, abs=1e-9)
+    assert got == pytest.approx(want, abs=ROUND) and probe.epochs == pytest.approx(want, abs=1e-9)
     assert watch.bad == [] and watch.checked[True] > 0 and watch.checked[False] > 0
 
 
@@ -449,7 +455,7 @@ def test_epoch_lines_exact_when_the_last_step_is_skipped():
     cb = SparsifyCallback(sparsity=75, schedule=fs.agp)
     got = epoch_lines(run(learn, 3, [cb, SkipLastStep(), probe]))
     want = expected_epoch_lines(fs.agp, 75, 3, [576, 576])
-    assert got == pytest.approx(want, abs=0.005) and probe.epochs == pytest.approx(want, abs=1e-9)
+    assert got == pytest.approx(want, abs=ROUND) and probe.epochs == pytest.approx(want, abs=1e-9)
     assert len(cb.history) == 3 * len(learn.dls.train)
 
 
@@ -464,7 +470,7 @@ def test_mixed_precision_on_cuda(precision, kw):
     try: got = epoch_lines(run(learn, 3, [cb, probe]))
     finally: watch.remove()
     want = expected_epoch_lines(fs.agp, 75, 3, [576, 576])
-    assert got == pytest.approx(want, abs=0.005) and probe.epochs == pytest.approx(want, abs=1e-9)
+    assert got == pytest.approx(want, abs=ROUND) and probe.epochs == pytest.approx(want, abs=1e-9)
     assert watch.bad == [] and watch.checked[True] > 0 and watch.checked[False] > 0
     assert all(m.device.type == 'cuda' and m.dtype == torch.bool for m in cb.sparsifier.masks.values())
 

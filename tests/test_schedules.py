@@ -104,9 +104,16 @@ def test_dsd_rises_then_falls():
     assert max(vals) == 90 and vals.index(90) == 50
 
 
-def test_user_schedule_of_the_same_shape():
+def test_user_schedule_of_the_same_shape_is_plotted():
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
     def square(start, end, pos): return start + (end - start) * pos ** 2
-    assert square(0, 90, 0) == 0 and square(0, 90, 1) == 90 and square(0, 90, 0.5) == 22.5
+    ax = plot_schedules([square, partial(one_cycle, α=20)], sparsity=80, start_sparsity=10, n_epoch=4, n_points=8)
+    (l1, l2) = ax.get_lines()
+    assert l1.get_label() == 'square' and l2.get_label() == 'one_cycle(α=20)'
+    assert list(l1.get_xdata()) == [i / 2 for i in range(9)]
+    assert list(l1.get_ydata()) == [10 + 70 * (i / 8) ** 2 for i in range(9)]
+    plt.close(ax.figure)
 
 
 def test_schedules_registry():
