@@ -217,11 +217,11 @@ class Sparsifier:
         self.regrown = {}
         for n, mask in new.items():
             old = self.masks.get(n)
-            if old is not None:
-                self.regrown[n] = mask & ~old
-                w = self.layers[n].weight
-                w.masked_fill_(self.regrown[n].expand_as(w), 0)
-                if optimizer is not None: reset_optimizer_state(optimizer, w, self.regrown[n])
+            if old is None: continue
+            self.regrown[n] = mask & ~old
+            for p, where in [(self.layers[n].weight, self.regrown[n]), *self._channel_params(n, self.regrown[n])]:
+                p.masked_fill_(where.expand_as(p), 0)
+                if optimizer is not None: reset_optimizer_state(optimizer, p, where)
         self.masks = new
         self._build_targets()
         self.apply()
@@ -233,13 +233,18 @@ class Sparsifier:
             mask = self.masks.get(n)
             if mask is None: continue
             params.append(m.weight); masks.append(mask.expand_as(m.weight))
-            out_mask = self._output_mask(n, mask)
-            if out_mask is None: continue
-            extra = [m.bias] if isinstance(getattr(m, 'bias', None), torch.Tensor) else []
-            bn = self._bn.get(m)
-            if bn is not None and bn.affine and bn.num_features == out_mask.numel(): extra += [bn.weight, bn.bias]
-            for p in extra: params.append(p); masks.append(out_mask.to(p.device))
+            for p, out_mask in self._channel_params(n, mask): params.append(p); masks.append(out_mask)
         self._targets = (params, masks)
+
+    def _channel_params(self, n: str, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        "When units are whole output channels: the bias and following BatchNorm parameters, each with its channel mask."
+        out_mask = self._output_mask(n, mask)
+        if out_mask is None: return []
+        m = self.layers[n]
+        extra = [m.bias] if isinstance(getattr(m, 'bias', None), torch.Tensor) else []
+        bn = self._bn.get(m)
+        if bn is not None and bn.affine and bn.num_features == out_mask.numel(): extra += [bn.weight, bn.bias]
+        return [(p, out_mask.to(p.device)) for p in extra]
 
     def _output_mask(self, n: str, mask: torch.Tensor) -> torch.Tensor | None:
         "For a granularity whose units are whole output channels, the per-channel mask; else None."
