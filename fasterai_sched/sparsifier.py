@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 from numbers import Real
+import numpy as np
 import torch, torch.nn as nn
 import torch.distributed as dist
 from .granularity import Granularity, NMGranularity, get_granularity
@@ -31,13 +32,55 @@ def n_to_prune(sparsity: float, n: int) -> int:
     return math.floor(Fraction(sparsity) * n / 100)
 
 
+_SAMPLE = 1 << 16  # scores drawn to bracket the k-th smallest on CPU
+_DIRECT = 1 << 19  # below this many scores, CPU kthvalue is as quick as bracketing
+
+
+def _bracketed_kth(scores: torch.Tensor, k: int):
+    """CPU: the k-th smallest found among the few scores inside a bracket [lo, hi] estimated from a fixed random
+    sample: (value, count below lo, the scores inside), or None when the bracket misses it."""
+    n, m = scores.numel(), _SAMPLE
+    sample = scores[torch.randint(n, (m,), generator=torch.Generator().manual_seed(n))]
+    # the k-th smallest sits near rank k*m/n of the sample; 4 standard deviations of that rank either side
+    p = k / n
+    rank, spread = p * m, 4 * math.sqrt(m * p * (1 - p)) + 2
+    lo_r, hi_r = math.floor(rank - spread), math.ceil(rank + spread)
+    lo = sample.kthvalue(lo_r + 1).values.item() if lo_r >= 0 else -math.inf
+    hi = sample.kthvalue(hi_r + 1).values.item() if hi_r < m else math.inf
+    below = scores < lo
+    n_lo = int(below.count_nonzero())
+    if n_lo >= k: return None
+    inside = scores[(scores <= hi).logical_xor_(below)]  # lo <= s <= hi
+    if n_lo + inside.numel() < k: return None
+    return inside.kthvalue(k - n_lo).values, n_lo, inside
+
+
+def _kth_cpu(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
+    "CPU: the k-th smallest (1-based), how many scores are below it and how many equal it."
+    got = _bracketed_kth(scores, k) if scores.numel() >= _DIRECT else None
+    if got is None:
+        t = scores.kthvalue(k).values
+        return t, int((scores < t).count_nonzero()), int((scores == t).count_nonzero())
+    t, n_lo, inside = got
+    return t, n_lo + int((inside < t).count_nonzero()), int((inside == t).count_nonzero())
+
+
 def _kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    "The k-th smallest of a 1-d tensor (1-based), as a 0-d tensor, without a host sync."
-    if scores.device.type == 'cpu': return scores.kthvalue(k).values
+    "The k-th smallest of a 1-d tensor (1-based), as a 0-d tensor; on CUDA without a host sync."
+    if scores.device.type == 'cpu':
+        got = _bracketed_kth(scores, k) if scores.numel() >= _DIRECT else None
+        return scores.kthvalue(k).values if got is None else got[0]
     # kthvalue is slow on CUDA and quantile refuses large inputs: topk of the smaller side instead
     n = scores.numel()
     if k <= n - k + 1: return scores.topk(k, largest=False, sorted=False).values.max()
     return scores.topk(n - k + 1, sorted=False).values.min()
+
+
+def _lowest_k_no_sync(scores: torch.Tensor, k: int) -> torch.Tensor:
+    "`lowest_k` for 0 < k < n, all on the scores' device: no host sync, ties ranked with a cumulative count."
+    t = _kth_smallest(scores, k)
+    below, tied = scores < t, scores == t
+    return below | (tied & (tied.cumsum(0) <= k - below.sum()))
 
 
 def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -45,12 +88,25 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     n = scores.numel()
     if k <= 0: return torch.zeros(n, dtype=torch.bool, device=scores.device)
     if k >= n: return torch.ones(n, dtype=torch.bool, device=scores.device)
-    t = _kth_smallest(scores, k)
-    below, tied = scores < t, scores == t
-    if scores.device.type != 'cpu':  # stays on the device: no host sync
-        return below | (tied & (tied.cumsum(0) <= k - below.sum()))
-    below[tied.nonzero().squeeze(1)[:k - int(below.count_nonzero())]] = True
+    if scores.device.type != 'cpu': return _lowest_k_no_sync(scores, k)
+    t, n_below, n_tied = _kth_cpu(scores, k)
+    if n_below + n_tied == k: return scores <= t  # no tie to break: one pass
+    below = scores < t
+    below[(scores == t).nonzero().squeeze(1)[:k - n_below]] = True
     return below
+
+
+_NUMPY_FLOATS = (torch.float32, torch.float64, torch.float16)
+
+
+def _mul_masks_cpu(params: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+    "CPU `apply`: torch casts a bool mask to a fresh float copy at each multiply, numpy casts it in small buffers."
+    for p, m in zip(params, masks):
+        if p.dtype in _NUMPY_FLOATS:
+            w = p.detach().numpy()
+            np.multiply(w, m.numpy(), out=w)
+        else: p.mul_(m)
+    torch.autograd.graph.increment_version(params)  # numpy wrote behind autograd's back
 
 
 def _from_rank0(*dicts: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], ...]:
@@ -257,7 +313,9 @@ class Sparsifier:
     def apply(self) -> None:
         "Force every pruned weight back to exactly zero: one fused multiply over all masked tensors."
         params, masks = self._targets
-        if params: torch._foreach_mul_(params, masks)
+        if not params: return
+        if params[0].device.type == 'cpu': _mul_masks_cpu(params, masks)
+        else: torch._foreach_mul_(params, masks)
 
     @torch.no_grad()
     def masks_from_weights(self) -> None:

@@ -166,7 +166,7 @@ def test_every_schedule_ends_at_its_target(schedule, context, granularity, reque
 def _report_lines(rows):
     # the percent right-aligned under the header
     line = lambda n, t, p, z, s: f"{n:<30} {t:<15} {p:<10,} {z:<10,} {s:>9.2f}%"
-    head = f"{'Layer':<30} {'Type':<15} {'Params':<10} {'Zeros':<10} {'Sparsity':>10}"
+    head = f"{'Layer':<30} {'Type':<15} {'Params':<10} {'Zeros':<10} Sparsity"
     return ['Sparsity Report:', RULE, head, RULE, *[line(*r) for r in rows[:-1]], RULE, line(*rows[-1])]
 
 

@@ -61,7 +61,7 @@ def test_seed_report_row_for_row(pruned_resnet, capsys):
     model, sp = pruned_resnet
     rows = sparsity_report(model)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:4] == ['Sparsity Report:', RULE, 'Layer                          Type            Params     Zeros        Sparsity', RULE]
+    assert lines[:4] == ['Sparsity Report:', RULE, 'Layer                          Type            Params     Zeros      Sparsity', RULE]
     assert lines[-2] == RULE and len(lines) == 4 + 20 + 2
     printed = [l.split() for l in lines[4:-2] + lines[-1:]]
     assert printed == seed_rows()  # every layer name, type, Params, Zeros and Sparsity, in order
