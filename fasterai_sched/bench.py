@@ -64,7 +64,8 @@ def digits_dls(size: int = 32, bs: int = 64, device: torch.device | str = 'cpu',
     idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).tolist()
     cut = int(.8 * len(idx))
     train, valid = [(x[i], y[i]) for i in idx[:cut]], [(x[i], y[i]) for i in idx[cut:]]
-    return DataLoaders.from_dsets(train, valid, bs=bs, device=torch.device(device))
+    # num_workers=0: worker processes would time their own start-up and compete for the cores being measured
+    return DataLoaders.from_dsets(train, valid, bs=bs, device=torch.device(device), num_workers=0)
 
 
 class _SameBatch:

@@ -55,7 +55,8 @@ def _check_options(model, lth, reset_end, save_tickets, verbose, seed, rewind_ep
 class SparsifyCallback(Callback):
     "Prune `layer_type` layers during `fit` following `schedule`, from `start_sparsity` to `sparsity` percent."
     order = 70  # after MixedPrecision has unscaled the gradients; prints after the progress table's row
-    state_fname = 'sparsify_state.pth'  # weight copies a resumed fit needs, in learn.path/learn.model_dir
+    # the weight copies a resumed fit needs, in learn.path/learn.model_dir; None writes nothing (and cannot resume them)
+    state_fname = 'sparsify_state.pth'
 
     def __init__(self, sparsity=_UNSET, granularity: str = 'weight', context: str = 'local',
                  criteria: Criteria = large_final, schedule: Callable = _UNSET, start_sparsity: float = 0,
@@ -143,15 +144,15 @@ class SparsifyCallback(Callback):
             raise ValueError(f"rewind_epoch={self.rewind_epoch} is past the end of this fit of {n_epoch} epochs "
                              f"(allowed: 0 to {n_epoch - 1})")
         self._resume_at = self._resume_epoch()
-        fresh = self.sparsifier is None or self.sparsifier.model is not model
+        # each fit is a new pruning run, as with a fresh callback; only a resumed fit keeps this one's weight copies
+        fresh = self.sparsifier is None or self.sparsifier.model is not model or not self._resume_at
         if fresh:
             self.sparsifier = Sparsifier(model, self.granularity, self.context, self.criteria, self.layer_type,
                                          self.round_to, self.seed)
-            if any((m.weight == 0).any() for m in self.sparsifier.layers.values()): self.sparsifier.masks_from_weights()
-        else:  # the same callback again: masks follow the model, back on weights an interrupted step left unmasked
-            self.sparsifier.to().apply()
-            if not self._resume_at: self._restart()
+        else: self.sparsifier.to()
         sp = self.sparsifier
+        # masks always come from the zeros of the weights as they are now (a checkpoint may have been loaded)
+        if not fresh or any((m.weight == 0).any() for m in sp.layers.values()): sp.masks_from_weights()
         if isinstance(self.sparsity, dict): sp._targets_per_layer(self.sparsity)  # layer names checked before training
         finite = torch.stack([m.weight.isfinite().all() for m in sp.layers.values()]).tolist()
         bad = [n for n, ok in zip(sp.layers, finite) if not ok]
@@ -176,18 +177,13 @@ class SparsifyCallback(Callback):
         "The epoch this fit resumes at: fastai's `fit(n, start_epoch=k)` adds a `SkipToEpoch(k)`; else 0."
         return max([getattr(cb, '_skip_to', 0) for cb in self.learn.cbs if isinstance(cb, SkipToEpoch)], default=0)
 
-    def _restart(self):
-        "A new fit with this callback is a new pruning run: rewind and 'init' weights are taken again."
-        sp = self.sparsifier
-        sp.rewind_weights = {}
-        if sp.criteria.reference: sp.save_reference()
-
-    def _state_path(self) -> Path: return self._save_dir() / self.state_fname
+    def _state_path(self) -> Path: return self._save_dir() / str(self.state_fname)
 
     def _write_state(self):
         "Write the rewind and 'init' reference weights beside the learner's checkpoints, when they are taken."
         sp = self.sparsifier
-        if rank_distrib() != 0 or not (sp.rewind_weights or sp.criteria.reference == 'init'): return
+        if rank_distrib() != 0 or self.state_fname is None: return
+        if not (sp.rewind_weights or sp.criteria.reference == 'init'): return
         cpu = lambda d: {n: t.detach().cpu() for n, t in d.items()}
         state = {'layers': {n: tuple(m.weight.shape) for n, m in sp.layers.items()},
                  'rewind_epoch': self.rewind_epoch if sp.rewind_weights else None, 'rewind': cpu(sp.rewind_weights),
@@ -215,9 +211,10 @@ class SparsifyCallback(Callback):
     def _read_state(self, need: list[str]):
         sp, path = self.sparsifier, self._state_path()
         what = ' and '.join(need)
-        if not path.exists():
+        if self.state_fname is None or not path.exists():
+            where = "state_fname is None, so none was written" if self.state_fname is None else f"{path} is missing"
             raise FileNotFoundError(f"this fit resumes at epoch {self._resume_at} and needs the {what} weights of the "
-                                    f"original run, which SparsifyCallback writes to {path}: that file is missing")
+                                    f"original run, which SparsifyCallback writes beside the learner's models: {where}")
         state = torch.load(path, map_location='cpu', weights_only=True)
         shapes = {n: tuple(m.weight.shape) for n, m in sp.layers.items()}
         if state.get('layers') != shapes:

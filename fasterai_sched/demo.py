@@ -445,6 +445,16 @@ def run(cfg: Config, data: Data, pretrained: bool, bar: bool) -> list[RunResult]
     return results
 
 
+def _busy_note(device: torch.device) -> None:
+    "On a busy CPU, PyTorch's OpenMP threads spin while they wait for each other: say how to avoid it."
+    if device.type != 'cpu' or 'OMP_WAIT_POLICY' in os.environ or not hasattr(os, 'getloadavg'): return
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores:
+        print(f"note: this machine is busy (load {load:.1f} on {cores} cores); training can be several times slower "
+              f"than on an idle one. OMP_WAIT_POLICY=PASSIVE {PROG} (set before Python starts) stops PyTorch's "
+              "threads from spinning while they wait, which helps a lot here", flush=True)
+
+
 def describe(cfg: Config, data: Data, pretrained: bool) -> str:
     n_valid = int(len(data.files) * VALID_PCT)
     src = "scikit-learn's digits, 8x8 grayscale" if data.name == 'digits' else data.name
@@ -466,12 +476,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             SparsifyCallback(sparsity=cfg.sparsity, granularity=cfg.granularity, context=cfg.context,
                              criteria=CRITERIA[cfg.criteria], schedule=SCHEDULES[s], start_epoch=cfg.start_epoch)
         data = resolve_data(cfg.data_spec, cfg.max_images, cfg.seed)
+        n_train = len(data.files) - int(len(data.files) * VALID_PCT)
+        if cfg.bs > n_train: raise UsageError('--bs', f"{cfg.bs} is more than the {n_train} training images; "
+                                                      f"use --bs {n_train} or less, or more images")
         pretrained = pretrained_weights(cfg)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     cfg.out.mkdir(parents=True, exist_ok=True)
     print(describe(cfg, data, pretrained), flush=True)
+    _busy_note(cfg.device)
     total = time.perf_counter()
     results = run(cfg, data, pretrained, bar=sys.stdout.isatty())
     plots = [cfg.out / 'sparsity.png', cfg.out / 'accuracy.png']

@@ -55,14 +55,19 @@ def _bracketed_kth(scores: torch.Tensor, k: int):
     return inside.kthvalue(k - n_lo).values, n_lo, inside
 
 
-def _kth_cpu(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
-    "CPU: the k-th smallest (1-based), how many scores are below it and how many equal it."
+def _lowest_k_cpu(scores: torch.Tensor, k: int) -> torch.Tensor:
+    "`lowest_k` for 0 < k < n on CPU: a single comparison pass unless ties straddle the k-th smallest."
     got = _bracketed_kth(scores, k) if scores.numel() >= _DIRECT else None
     if got is None:
         t = scores.kthvalue(k).values
-        return t, int((scores < t).count_nonzero()), int((scores == t).count_nonzero())
-    t, n_lo, inside = got
-    return t, n_lo + int((inside < t).count_nonzero()), int((inside == t).count_nonzero())
+        out = scores <= t
+        if out.count_nonzero() == k: return out
+    else:
+        t, n_lo, inside = got
+        if n_lo + int((inside <= t).count_nonzero()) == k: return scores <= t
+    below = scores < t  # ties: the lowest indices among the scores equal to t complete the count
+    below[(scores == t).nonzero().squeeze(1)[:k - int(below.count_nonzero())]] = True
+    return below
 
 
 def _kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -88,12 +93,7 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     n = scores.numel()
     if k <= 0: return torch.zeros(n, dtype=torch.bool, device=scores.device)
     if k >= n: return torch.ones(n, dtype=torch.bool, device=scores.device)
-    if scores.device.type != 'cpu': return _lowest_k_no_sync(scores, k)
-    t, n_below, n_tied = _kth_cpu(scores, k)
-    if n_below + n_tied == k: return scores <= t  # no tie to break: one pass
-    below = scores < t
-    below[(scores == t).nonzero().squeeze(1)[:k - n_below]] = True
-    return below
+    return _lowest_k_cpu(scores, k) if scores.device.type == 'cpu' else _lowest_k_no_sync(scores, k)
 
 
 _NUMPY_FLOATS = (torch.float32, torch.float64, torch.float16)
@@ -212,7 +212,7 @@ class Sparsifier:
             if self.criteria.seeded:  # the same draws on every process and every call: masks nest as sparsity grows
                 gen = torch.Generator(device=m.weight.device).manual_seed(self.seed * 100_003 + i)
             out[n] = self.criteria(m.weight, self.reference.get(n), m.weight.grad, gen)
-        finite = torch.stack([s.isfinite().all() for s in out.values()]).tolist()
+        finite = torch.stack([torch.stack(torch.aminmax(s)) for s in out.values()]).isfinite().all(1).tolist()
         bad = [n for n, ok in zip(out, finite) if not ok]
         if bad: raise ValueError(f"criteria {self.criteria.name} gave NaN or Inf scores for layer {bad[0]!r}")
         return out
@@ -237,11 +237,12 @@ class Sparsifier:
         # each layer's best unit is held back so no layer empties, as long as the count allows it
         starts = torch.tensor([0] + sizes[:-1], device=allv.device).cumsum(0)
         best = starts + torch.stack([v.argmax().to(allv.device) for v in flat])
-        held = torch.zeros(total, dtype=torch.bool, device=allv.device); held[best] = True
         free = total - len(flat)
-        if k <= free: pruned = lowest_k(allv.masked_fill(held, math.inf), k)
+        if k <= free:
+            allv[best] = math.inf  # allv is cat's own copy: hold the best units back in place
+            pruned = lowest_k(allv, k)
         else:
-            pruned = ~held
+            pruned = torch.ones(total, dtype=torch.bool, device=allv.device)
             pruned[best] = lowest_k(allv[best], k - free)
         out = dict(zip(unit_scores, pruned.split(sizes)))
         if self.round_to:
@@ -263,21 +264,22 @@ class Sparsifier:
             new[n] = self.granularity[n].weight_mask(keep, elem[n]).to(m.weight.device)
         new, pruned = _from_rank0(new, pruned)  # ranks agree even where their scores differ
         self._set_masks(new, optimizer)
-        self.n_pruned = {n: int(c) for n, c in zip(pruned, torch.stack([p.sum() for p in pruned.values()]).tolist())}
+        counts = torch.stack([p.count_nonzero() for p in pruned.values()]).tolist()
+        self.n_pruned = {n: int(c) for n, c in zip(pruned, counts)}
         self.sparsity_target = sparsity
         self._update_masked_pct()
         if self.criteria.reference == 'previous': self.save_reference()
 
     def _set_masks(self, new: dict[str, torch.Tensor], optimizer=None) -> None:
         "Install `new` masks; weights that come back restart at zero with fresh optimizer state."
-        self.regrown = {}
-        for n, mask in new.items():
-            old = self.masks.get(n)
-            if old is None: continue
-            self.regrown[n] = mask & ~old
-            for p, where in [(self.layers[n].weight, self.regrown[n]), *self._channel_params(n, self.regrown[n])]:
-                p.masked_fill_(where.expand_as(p), 0)
-                if optimizer is not None: reset_optimizer_state(optimizer, p, where)
+        self.regrown = {n: mask > self.masks[n] for n, mask in new.items() if n in self.masks}  # kept now, not before
+        # one check for all layers: where nothing regrew (pruning that only tightens) there is nothing to reset
+        grew = torch.stack([r.any() for r in self.regrown.values()]).tolist() if self.regrown else []
+        for (n, where), g in zip(self.regrown.items(), grew):
+            if not g: continue
+            for p, w in [(self.layers[n].weight, where), *self._channel_params(n, where)]:
+                p.masked_fill_(w.expand_as(p), 0)
+                if optimizer is not None: reset_optimizer_state(optimizer, p, w)
         self.masks = new
         self._build_targets()
         self.apply()
@@ -338,7 +340,8 @@ class Sparsifier:
         "Percent of weights the masks zero, kept so that reading it costs no device sync."
         ws = [(self.layers[n].weight, m) for n, m in self.masks.items()]
         if not ws: self._masked_pct = 0.; return
-        pruned = torch.stack([(~m).sum().to('cpu') * (w.numel() // m.numel()) for w, m in ws]).sum().item()
+        zeros = torch.stack([(m.numel() - m.count_nonzero()).to('cpu') * (w.numel() // m.numel()) for w, m in ws])
+        pruned = zeros.sum().item()
         self._masked_pct = 100. * pruned / sum(m.weight.numel() for m in self.layers.values())
 
     def masked_sparsity(self) -> float:

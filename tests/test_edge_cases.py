@@ -181,6 +181,16 @@ def test_a_fit_stopped_part_way_leaves_the_masks_applied(exc, event, order, n_st
     assert 0 < conv_sparsity(learn.model) < 80
 
 
+def test_an_exception_between_the_optimizer_step_and_the_masking_is_undone_by_apply():
+    "The one window docs/resume.md names: an update left unmasked, which `cb.sparsifier.apply()` masks."
+    learn, cb = learner(), SparsifyCallback(sparsity=80, schedule=agp)
+    with pytest.raises(RuntimeError):
+        fit_capture(learn, 4, [cb, StopAfter(1, 1, RuntimeError("boom"), 'after_step', 10)])
+    cb.sparsifier.apply()
+    assert pruned_are_zero(cb.sparsifier)
+    assert cb.sparsifier.masked_sparsity() == pytest.approx(conv_sparsity(learn.model), abs=1e-9)
+
+
 def test_the_optimizer_would_move_pruned_weights_without_the_masks():
     "The check above can fail: an optimizer step left unmasked moves pruned weights off zero."
     learn = learner()

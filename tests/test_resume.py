@@ -74,8 +74,8 @@ def test_learn_save_after_a_crash_resumes_with_the_same_lines(tmp_path):
         fit_capture(crashed, N_EPOCH, [SparsifyCallback(**kw), SaveThenCrash(3)])
     learn, cb, out, at_save = resumed(tmp_path, 'ckpt', 4, **kw)
     assert epoch_lines(out) == epoch_lines(full)[4:]
-    # the masks the fresh callback starts from are the saved zeros: whole filters
     assert conv_sparsity(learn.model) == pytest.approx(75, abs=0.01)
+    # whole filters pruned at the save are still pruned
     now = conv_weights(learn.model)
     for n, w in at_save.items(): assert (now[n][w == 0] == 0).all(), n
 
@@ -144,6 +144,37 @@ def test_resume_without_the_state_file_fails_before_any_weight_changes(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"resumes at epoch 3 and needs the rewind weights.*missing"):
         fit_capture(learn, N_EPOCH, [SparsifyCallback(**kw)], start_epoch=3)
     for k, v in learn.model.state_dict().items(): assert torch.equal(v, before[k]), k
+
+
+class MasksAtStart(Callback):
+    "The percent of weights the callback's masks zero when the fit starts, seen right after its before_fit."
+    order = 75
+    def before_fit(self): self.masked = self.learn.sparsify.sparsifier.masked_sparsity()
+
+
+def test_the_same_callback_resumes_from_a_checkpoint_loaded_into_the_same_model(tmp_path):
+    kw = dict(sparsity=80, schedule=agp, start_epoch=1, lth=True, rewind_epoch=1)
+    learn, cb = fast_learner(path=tmp_path), SparsifyCallback(**kw)
+    full = fit_capture(learn, N_EPOCH, [cb, SaveModelCallback(every_epoch=True)])
+    rewind = {n: t.clone() for n, t in cb.sparsifier.rewind_weights.items()}
+    learn.load('model_2')  # back to epoch 2, in the same model: the callback's last masks are those of epoch 5
+    at_load = conv_sparsity(learn.model)
+    seen = MasksAtStart()
+    out = fit_capture(learn, N_EPOCH, [cb, seen], start_epoch=3)
+    assert seen.masked == pytest.approx(at_load) and at_load < 80  # the masks are the checkpoint's, not the last fit's
+    assert epoch_lines(out) == epoch_lines(full)[3:]
+    assert "read back" not in out  # the rewind weights it holds are the run's own
+    for n, t in rewind.items(): assert torch.equal(cb.sparsifier.rewind_weights[n], t)
+
+
+def test_state_fname_none_writes_nothing_and_a_resume_past_the_copies_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(SparsifyCallback, 'state_fname', None)
+    kw = dict(sparsity=70, schedule=agp, start_epoch=1, lth=True, rewind_epoch=1)
+    uninterrupted(tmp_path, **kw)
+    assert sorted(p.name for p in (tmp_path / 'models').iterdir()) == [f'model_{i}.pth' for i in range(N_EPOCH)]
+    learn = fast_learner(path=tmp_path); learn.load('model_2')
+    with pytest.raises(FileNotFoundError, match="state_fname is None, so none was written"):
+        fit_capture(learn, N_EPOCH, [SparsifyCallback(**kw)], start_epoch=3)
 
 
 def test_state_file_of_another_model_is_refused(tmp_path):

@@ -1,0 +1,156 @@
+"""The benchmark runs end to end on tiny configurations; the fast CPU selection is exact; CPU re-masking is exact."""
+import contextlib, io, json
+from unittest import mock
+import pytest, torch, torch.nn as nn
+from hypothesis import given, settings, strategies as st
+import fasterai_sched.sparsifier as S
+from fasterai_sched import bench
+
+OURS = ['dense', 'agp local', 'agp global', 'steady']
+
+
+def reference_lowest_k(scores, k):
+    "The k lowest by a stable sort: among equal scores the lower index first."
+    out = torch.zeros(scores.numel(), dtype=torch.bool)
+    out[scores.sort(stable=True).indices[:max(k, 0)]] = True
+    return out
+
+
+def run_main(*args):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out): res = bench.main(list(args))
+    return res, out.getvalue()
+
+
+def check_rows(res, variants):
+    rows = {r['variant']: r for r in res['rows']}
+    assert list(rows) == variants
+    assert rows['dense']['ratio'] == 1.0 and rows['dense']['memory_bytes'] is None
+    for v in variants:
+        assert rows[v]['seconds'] > 0 and rows[v]['ratio'] > 0 and all(x > 0 for x in rows[v]['ratios'])
+        if v != 'dense':
+            assert rows[v]['sparsity'] == pytest.approx(90, abs=0.01)  # the fit really pruned
+            mem = rows[v]['memory_bytes']
+            assert mem['masks'] > 0 and mem['weight_copies'] == 0  # large_final keeps no copy of the weights
+
+
+def test_step_mode_json():
+    res, text = run_main('--mode', 'step', '--arch', 'resnet18', '--size', '16', '--bs', '4', '--steps', '3',
+                         '--repeats', '2', '--device', 'cpu', '--no-warmup', '--json', '--variants', ','.join(OURS))
+    assert json.loads(text) == json.loads(json.dumps(res))
+    check_rows(res, OURS)
+    c = res['config']
+    assert (c['mode'], c['arch'], c['size'], c['bs'], c['steps'], c['repeats'], c['device']) == \
+        ('step', 'resnet18', 16, 4, 3, 2, 'cpu')
+    rows = {r['variant']: r for r in res['rows']}
+    assert rows['steady']['timed'] == 'after the pruning step' and rows['agp local']['timed'] == 'all'
+    # one byte per weight of the pruned layers (every Conv2d of the body)
+    n_conv = sum(m.weight.numel() for m in bench.build_model('resnet18', 10).modules() if isinstance(m, nn.Conv2d))
+    assert rows['agp global']['memory_bytes']['masks'] == n_conv
+
+
+def test_fit_mode_table():
+    variants = ['dense', 'agp global', 'steady']
+    res, text = run_main('--arch', 'resnet18', '--size', '8', '--bs', '256', '--epochs', '2', '--repeats', '1',
+                         '--device', 'cpu', '--no-warmup', '--variants', ','.join(variants))
+    check_rows(res, variants)
+    assert res['config']['mode'] == 'fit'  # the default on CPU
+    lines = text.splitlines()
+    assert 'resnet18 at 8 px, batch 256, fastai fit of 2 epochs on digits' in lines[0]
+    assert lines[1].split()[:3] == ['variant', 's', 'per']
+    for v in variants: assert any(line.startswith(v + ' ') for line in lines)
+
+
+@pytest.mark.skipif(bench.fasterai_available()[0], reason="fasterai is installed: its rows are not skipped")
+def test_fasterai_rows_skipped_with_a_note():
+    res = bench.run_train_bench('step', 'resnet18', 8, 2, 'cpu', steps=2, repeats=1, warmup=False,
+                                variants=['dense', 'fasterai agp global'])
+    assert [r['variant'] for r in res['rows']] == ['dense']
+    assert any('fasterai not installed' in n and 'fasterai agp global' in n for n in res['notes'])
+    assert 'fasterai not installed' in bench.format_train(res)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match='nope'): bench.run_train_bench(variants=['nope'], device='cpu')
+    with pytest.raises(ValueError, match="mode='walk'"): bench.run_train_bench('walk', device='cpu')
+    with pytest.raises(ValueError, match="arch='vgg'"): bench.build_model('vgg', 10)
+    with pytest.raises(ValueError, match="device='tpu'"): bench.pick_device('tpu')
+
+
+def test_select_bench():
+    res, text = run_main('select', '--n', '600000', '--device', 'cpu', '--repeats', '2')
+    assert [r['method'] for r in res['rows']] == \
+        ['threshold (_kth_smallest)', 'exact mask (lowest_k)', 'reference (torch.kthvalue)']
+    assert all(r['ms'] > 0 for r in res['rows']) and res['config']['k'] == 540_000
+    assert 'exact mask (lowest_k)' in text
+
+
+# ---- exactness of the CPU selection ----
+def tricky_scores(n, kind, g):
+    if kind == 'uniform': return torch.rand(n, generator=g)
+    if kind == 'few values': return torch.randint(0, 4, (n,), generator=g).float()  # ties everywhere
+    if kind == 'mostly zero':  # pruned weights score 0
+        s = torch.rand(n, generator=g); s[torch.rand(n, generator=g) < .8] = 0; return s
+    if kind == 'inf held':  # global context holds units back with +inf
+        s = torch.randint(0, 50, (n,), generator=g).float(); s[torch.rand(n, generator=g) < .3] = float('inf'); return s
+    if kind == 'float64 rounded': return torch.randn(n, generator=g, dtype=torch.float64).round(decimals=1)
+    raise ValueError(kind)
+
+
+KINDS = ['uniform', 'few values', 'mostly zero', 'inf held', 'float64 rounded']
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_fast_selection_matches_stable_sort(kind):
+    g = torch.Generator().manual_seed(KINDS.index(kind))
+    with mock.patch.object(S, '_DIRECT', 64), mock.patch.object(S, '_SAMPLE', 256):  # bracket small inputs too
+        for n in [64, 1000, 20_000]:
+            s = tricky_scores(n, kind, g)
+            for k in [0, 1, 2, n // 10, n // 2, n - n // 10, n - 2, n - 1, n, n + 3]:
+                got = S.lowest_k(s, k)
+                assert got.dtype == torch.bool and int(got.sum()) == min(max(k, 0), n)
+                assert torch.equal(got, reference_lowest_k(s, k)), (kind, n, k)
+                if 0 < k <= n:
+                    assert S._kth_smallest(s, k) == s.sort().values[k - 1]
+                if 0 < k < n:  # the path CUDA takes, run here on CPU
+                    assert torch.equal(S._lowest_k_no_sync(s, k), got)
+
+
+def test_bracket_is_taken_and_its_miss_falls_back():
+    n, k = 1 << 20, 700_000
+    s = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    assert S._bracketed_kth(s, k) is not None  # the fast path, at the default sizes
+    assert n >= S._DIRECT
+    # scores at exactly the sampled positions made huge: the sample misleads, the bracket misses, the answer stays
+    picked = torch.randint(n, (S._SAMPLE,), generator=torch.Generator().manual_seed(n))
+    s[picked] = 10 + s[picked]
+    assert S._bracketed_kth(s, k) is None
+    assert torch.equal(S.lowest_k(s, k), reference_lowest_k(s, k))
+    assert S._kth_smallest(s, k) == s.kthvalue(k).values
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=300), st.data())
+def test_fast_selection_property(values, data):
+    s = torch.tensor(values, dtype=torch.float32)
+    k = data.draw(st.integers(-1, len(values) + 1))
+    with mock.patch.object(S, '_DIRECT', 1), mock.patch.object(S, '_SAMPLE', data.draw(st.sampled_from([1, 4, 64]))):
+        got = S.lowest_k(s, k)
+    assert torch.equal(got, reference_lowest_k(s, k))
+
+
+# ---- CPU re-masking ----
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('granularity', ['weight', 'filter'])
+def test_cpu_apply_equals_multiplying_by_the_mask(dtype, granularity):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)).to(dtype)
+    sp = S.Sparsifier(model, granularity=granularity, context='global')
+    sp.prune(50)
+    with torch.no_grad():
+        for p in model.parameters(): p.add_(1)  # an optimizer step revives every pruned weight
+    expected = [p.detach() * m for p, m in zip(*sp._targets)]
+    versions = [p._version for p in sp._targets[0]]
+    sp.apply()
+    for p, e in zip(sp._targets[0], expected): assert torch.equal(p.detach(), e) and p.dtype == dtype
+    assert all(p._version > v for p, v in zip(sp._targets[0], versions))  # autograd sees the in-place change
