@@ -53,7 +53,12 @@ def _check_options(model, lth, reset_end, save_tickets, verbose, seed, rewind_ep
 
 
 class SparsifyCallback(Callback):
-    "Prune `layer_type` layers during `fit` following `schedule`, from `start_sparsity` to `sparsity` percent."
+    """Prune `layer_type` layers during `fit` following `schedule`, from `start_sparsity` to `sparsity` percent.
+
+    While the target moves, masks are recomputed at most every `frequency` training steps (default 100, as TF-MOT's
+    pruning `frequency` and AGP's 100-1000-step interval), only when the target's unit count changed, and always at
+    the first pruning step and at each epoch's last step, so the epoch lines are exact; `None` recomputes at every
+    step where the count changes. Between recomputes each step only re-applies the masks."""
     order = 70  # after MixedPrecision has unscaled the gradients; prints after the progress table's row
     # the weight copies a resumed fit needs, in learn.path/learn.model_dir; None writes nothing (and cannot resume them)
     state_fname = 'sparsify_state.pth'
@@ -63,7 +68,7 @@ class SparsifyCallback(Callback):
                  start_epoch: int = 0, end_epoch: int | None = None, lth: bool = False, rewind_epoch: int = 0,
                  reset_end: bool = False, save_tickets: bool = False, model: nn.Module | None = None,
                  round_to: int | None = None, layer_type: type = nn.Conv2d, verbose: bool = True,
-                 frequency: int | None = None, seed: int = 0, end_sparsity=_UNSET, sched_func=_UNSET):
+                 frequency: int | None = 100, seed: int = 0, end_sparsity=_UNSET, sched_func=_UNSET):
         sparsity = _pick('sparsity', sparsity, 'end_sparsity', end_sparsity, _UNSET)
         if sparsity is _UNSET: raise TypeError("SparsifyCallback needs sparsity (or end_sparsity), a percent such as 90")
         schedule = _pick('schedule', schedule, 'sched_func', sched_func, one_shot)

@@ -55,7 +55,7 @@ def digits_folder(dest: str | Path | None = None, max_images: int | None = None,
     for i in idx:
         label_dir = dest / str(digits.target[i]); label_dir.mkdir(parents=True, exist_ok=True)
         pixels = np.round(digits.images[i] * 255 / 16).astype(np.uint8)  # digits' values run 0..16
-        Image.fromarray(pixels, mode='L').save(label_dir / f"{i:04d}.png")
+        Image.fromarray(pixels).save(label_dir / f"{i:04d}.png")
     return dest
 
 
@@ -245,7 +245,7 @@ def make_config(args: argparse.Namespace) -> Config:
         if s not in SCHEDULES: raise UsageError('--schedules', f"{s!r} is not a schedule; choose from {', '.join(SCHEDULES)}")
     dup = sorted({s for s in schedules if schedules.count(s) > 1})
     if dup: raise UsageError('--schedules', f"{dup[0]!r} is listed twice")
-    try: check_sparsity(args.sparsity, '--sparsity')
+    try: check_sparsity(args.sparsity)
     except (TypeError, ValueError) as e: raise UsageError('--sparsity', e) from e
     try: get_granularity(args.granularity, nn.Conv2d)
     except (TypeError, ValueError) as e: raise UsageError('--granularity', e) from e
@@ -409,23 +409,30 @@ def plot_sparsity(results: list[RunResult], path: Path) -> None:
 
 
 def plot_accuracy(results: list[RunResult], cfg: Config, path: Path) -> None:
-    "Validation accuracy per epoch for every run, and the final accuracy per schedule."
+    "Validation accuracy per epoch for every run, and each run's final accuracy against dense."
     from matplotlib.figure import Figure
     fig = Figure(figsize=(10, 3.6), layout='constrained')
     left, right = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[3, 2]))
+    colors = {r.name: 'black' if r.name == 'dense' else f"C{i}" for i, r in enumerate(results)}
     for r in results:
-        left.plot(range(1, len(r.accuracies) + 1), r.accuracies, marker='o', ms=3, label=r.name,
-                  ls='--' if r.name == 'dense' else '-', color='black' if r.name == 'dense' else None)
-    left.axvline(cfg.start_epoch + .5, color='grey', lw=.8, ls=':')
-    left.set(xlabel='epoch', ylabel='validation accuracy (%)', title='accuracy per epoch')
+        left.plot(range(1, len(r.accuracies) + 1), r.accuracies, marker='o', ms=3, label=r.name, color=colors[r.name],
+                  ls='--' if r.name == 'dense' else '-')
+    left.axvline(cfg.start_epoch, color='grey', lw=.8, ls=':')
+    left.annotate(' pruning starts', (cfg.start_epoch, 0.02), xycoords=('data', 'axes fraction'), fontsize=8, color='grey')
+    left.set(xlabel='epochs done', ylabel='validation accuracy (%)', title='accuracy per epoch')
     left.legend(fontsize=8); left.grid(alpha=.3)
-    names, accs = [r.name for r in results], [r.accuracy for r in results]
-    bars = right.bar(names, accs, color=['black' if n == 'dense' else f"C{i}" for i, n in enumerate(names)])
-    right.bar_label(bars, fmt='%.2f', fontsize=8)
-    low = min(accs)
-    right.set(ylim=(max(0, low - max(2, (100 - low) * .5)), 100), ylabel='final accuracy (%)',
+    ys = list(range(len(results)))[::-1]
+    for y, r in zip(ys, results):
+        right.plot([r.accuracy], [y], 'o', ms=8, color=colors[r.name])
+        right.annotate(f"  {r.accuracy:.2f}%", (r.accuracy, y), va='center', fontsize=9)
+    dense = next((r for r in results if r.name == 'dense'), None)
+    if dense is not None: right.axvline(dense.accuracy, color='black', lw=.8, ls='--')
+    accs = [r.accuracy for r in results]
+    span = max(2., max(accs) - min(accs))
+    right.set(yticks=ys, yticklabels=[r.name for r in results], xlim=(min(accs) - .3 * span, max(accs) + .6 * span),
+              ylim=(-.6, len(results) - .4), xlabel='final validation accuracy (%)',
               title=f"final accuracy at {cfg.sparsity:g}% sparsity")
-    right.tick_params(axis='x', labelrotation=20, labelsize=8); right.grid(alpha=.3, axis='y')
+    right.grid(alpha=.3, axis='x')
     fig.savefig(path, dpi=80)
 
 
