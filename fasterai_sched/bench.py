@@ -4,7 +4,7 @@
 training steps over one synthetic batch (mode 'step', the GPU measurement), and prints medians and the ratio to
 dense. `python -m fasterai_sched.bench select --n 100000000` times the exact-count selection over N scores."""
 from __future__ import annotations
-import argparse, contextlib, io, json, platform, statistics, sys, time, warnings
+import argparse, contextlib, inspect, io, json, platform, statistics, sys, time, warnings
 import torch, torch.nn as nn, torch.nn.functional as F
 from fastai.callback.core import Callback, CancelValidException
 from fastai.data.core import DataLoaders
@@ -188,6 +188,8 @@ def run_train_bench(mode: str = 'fit', arch: str = 'resnet18', size: int = 32, b
         notes.append(f"fasterai not installed (pip install -e '.[bench]'): its callback is not compared ({why})"
                      + (f"; skipped {skipped}" if skipped else ''))
     cfg = dict(mode=mode, arch=arch, size=size, bs=bs, steps=steps, epochs=epochs, frequency=frequency)
+    from .callback import SparsifyCallback
+    used = frequency or inspect.signature(SparsifyCallback).parameters['frequency'].default
     if warmup:  # the first fit in a process pays for allocations and kernel selection: throw it away
         _one_run('dense', {**cfg, 'epochs': 2, 'steps': min(steps, 5)} if mode == 'fit' else cfg, dev)
     runs = {v: [] for v in variants}
@@ -196,8 +198,9 @@ def run_train_bench(mode: str = 'fit', arch: str = 'resnet18', size: int = 32, b
         for v in order:
             runs[v].append(_one_run(v, cfg, dev))
             if log: log(f"repeat {r + 1}/{repeats} {v}: {runs[v][-1]['times']['all']:.4f} s")
-    return {'config': {**cfg, 'device': str(dev), 'device_name': device_name(dev), 'repeats': repeats,
-                       'torch': torch.__version__, 'threads': torch.get_num_threads(), 'sparsity': SPARSITY},
+    return {'config': {**cfg, 'frequency_used': used, 'device': str(dev), 'device_name': device_name(dev),
+                       'repeats': repeats, 'torch': torch.__version__, 'threads': torch.get_num_threads(),
+                       'sparsity': SPARSITY},
             'rows': _rows(runs), 'notes': notes}
 
 
@@ -225,7 +228,8 @@ def format_train(res: dict) -> str:
     what = (f"{c['steps']} steps on one synthetic batch" if c['mode'] == 'step'
             else f"fastai fit of {c['epochs']} epochs on digits")
     lines = [f"{c['arch']} at {c['size']} px, batch {c['bs']}, {what}; {c['device_name']}, torch {c['torch']}; "
-             f"median of {c['repeats']} interleaved repeats; sparsity {c['sparsity']}% (weight, large_final)"]
+             f"median of {c['repeats']} interleaved repeats; sparsity {c['sparsity']}% (weight, large_final), "
+             f"masks recomputed at most every {c['frequency_used']} steps and at each epoch's end"]
     head = f"{'variant':<22}{'s ' + unit:>14}{'x dense':>10}{'sparsity':>10}{'mask bytes':>14}{'copy bytes':>12}"
     lines += [head, '-' * len(head)]
     for r in res['rows']:
@@ -247,7 +251,8 @@ def run_select_bench(n: int = 100_000_000, device: str = 'auto', repeats: int = 
     dev = pick_device(device)
     scores = torch.rand(n, generator=torch.Generator().manual_seed(0)).to(dev)
     k = max(1, n_to_prune(sparsity, n))
-    cases = {'threshold (_kth_smallest)': lambda: _kth_smallest(scores, k), 'exact mask (lowest_k)': lambda: lowest_k(scores, k)}
+    cases = {'threshold (_kth_smallest)': lambda: _kth_smallest(scores, k),
+             'exact mask (lowest_k)': lambda: lowest_k(scores, k)}
     if reference if reference is not None else dev.type == 'cpu':
         cases['reference (torch.kthvalue)'] = lambda: scores.kthvalue(k).values
     rows = []

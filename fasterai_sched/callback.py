@@ -56,9 +56,9 @@ class SparsifyCallback(Callback):
     """Prune `layer_type` layers during `fit` following `schedule`, from `start_sparsity` to `sparsity` percent.
 
     While the target moves, masks are recomputed at most every `frequency` training steps (default 100, as TF-MOT's
-    pruning `frequency` and AGP's 100-1000-step interval), only when the target's unit count changed, and always at
-    the first pruning step and at each epoch's last step, so the epoch lines are exact; `None` recomputes at every
-    step where the count changes. Between recomputes each step only re-applies the masks."""
+    pruning `frequency` and AGP's 100-1000-step interval) and only when the target's unit count changed; always at
+    the steps where pruning starts or ends and at each epoch's last step, so the epoch lines are exact. `None`
+    recomputes at every step where the count changes. Between recomputes a step only re-applies the masks."""
     order = 70  # after MixedPrecision has unscaled the gradients; prints after the progress table's row
     # the weight copies a resumed fit needs, in learn.path/learn.model_dir; None writes nothing (and cannot resume them)
     state_fname = 'sparsify_state.pth'
@@ -253,7 +253,7 @@ class SparsifyCallback(Callback):
         self._stepped = step
         target = self._target(step)
         counts = self._counts(target)
-        if counts != self._current and self._due(step):
+        if counts != self._current and self._due(step, counts):
             self._update_masks(target, counts)
         self._record(step, target)
 
@@ -269,9 +269,9 @@ class SparsifyCallback(Callback):
         gs = [m.weight.grad for m in self.sparsifier.layers.values() if m.weight.grad is not None]
         return not gs or bool(torch.stack([g.isfinite().all() for g in gs]).all())
 
-    def _due(self, step: int) -> bool:
-        "Recompute now? Always on an epoch's last step (exact epoch lines) and when pruning starts; else every `frequency` steps."
-        if self.iter == self.n_iter_fit - 1 or not any(self._current): return True
+    def _due(self, step: int, counts: tuple) -> bool:
+        "Recompute? At an epoch's last step (exact epoch lines), when pruning starts or ends; else each `frequency` steps."
+        if self.iter == self.n_iter_fit - 1 or not any(self._current) or not any(counts): return True
         return self.frequency is None or step % self.frequency == 0
 
     def _update_masks(self, target, counts):
