@@ -136,8 +136,10 @@ def make_callback(variant: str, frequency=None):
                                 schedule={'agp': agp, 'one_shot': one_shot}[sched], verbose=False, **kw)
     from fasterai.sparse.all import SparsifyCallback as FasteraiCallback
     from fasterai.core.criteria import large_final as f_large_final
-    from fasterai.core.schedule import agp as f_agp, one_shot as f_one_shot
-    return FasteraiCallback(SPARSITY, 'weight', context, f_large_final, {'agp': f_agp, 'one_shot': f_one_shot}[sched])
+    from fasterai.core.schedule import Schedule, sched_agp, sched_oneshot
+    # a fresh schedule per run (fasterai's hold state), pruning from the first step as ours does
+    schedule = Schedule({'agp': sched_agp, 'one_shot': sched_oneshot}[sched], start_pct=0.)
+    return FasteraiCallback(SPARSITY, 'weight', context, f_large_final, schedule)
 
 
 def _measured_sparsity(model: nn.Module) -> float:
@@ -253,7 +255,7 @@ def run_select_bench(n: int = 100_000_000, device: str = 'auto', repeats: int = 
     k = max(1, n_to_prune(sparsity, n))
     cases = {'threshold (_kth_smallest)': lambda: _kth_smallest(scores, k),
              'exact mask (lowest_k)': lambda: lowest_k(scores, k)}
-    if reference if reference is not None else dev.type == 'cpu':
+    if dev.type == 'cpu' if reference is None else reference:  # kthvalue: the plain way, too slow on CUDA
         cases['reference (torch.kthvalue)'] = lambda: scores.kthvalue(k).values
     rows = []
     for name, f in cases.items():
@@ -296,6 +298,8 @@ def _parser() -> argparse.ArgumentParser:
                         "plus fasterai's when it is installed)")
     p.add_argument('--frequency', type=int, default=None, help="SparsifyCallback's frequency (default: its own)")
     p.add_argument('--no-warmup', action='store_true', help='skip the discarded first dense run')
+    p.add_argument('--threads', type=int, default=None,
+                   help="torch CPU threads (default: torch's own); 1 avoids stalls when other jobs share the cores")
     p.add_argument('--n', type=int, default=100_000_000, help="'select': number of scores (default 100,000,000)")
     p.add_argument('--json', action='store_true', help='print JSON instead of the table')
     p.add_argument('-v', '--verbose', action='store_true', help='log each run to stderr')
@@ -304,6 +308,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = _parser().parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1: raise SystemExit(f"--threads={args.threads} must be at least 1")
+        torch.set_num_threads(args.threads)
     if args.what == 'select':
         res = run_select_bench(args.n, args.device, max(args.repeats, 1))
         print(json.dumps(res, indent=1) if args.json else format_select(res))

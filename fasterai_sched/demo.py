@@ -174,15 +174,24 @@ def arch_names() -> list[str]:
     return [a.__name__ for a in model_meta]
 
 
+class _Help(argparse.HelpFormatter):
+    "Shows a default where there is one to show."
+    def _get_help_string(self, action):
+        h = action.help or ''
+        if action.default in (None, False, argparse.SUPPRESS) or '%(default)' in h or '[' in h: return h
+        return h + ' (default: %(default)s)'
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
     p = _Parser(prog=PROG, description="Train a network dense, then sparsified once per schedule with the same number "
                 "of epochs, and compare: the fasterai schedules tutorial, offline, on scikit-learn's digits.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=_Help)
     p.add_argument('--schedules', default=d['schedules'], help=f"comma-separated, from {', '.join(SCHEDULES)}")
     p.add_argument('--sparsity', type=_number, default=d['sparsity'], help="final sparsity, percent")
     p.add_argument('--granularity', default=d['granularity'], help="weight, kernel, filter, channel or an N:M pattern")
-    p.add_argument('--context', default=d['context'], choices=['local', 'global'])
+    p.add_argument('--context', default=d['context'], choices=['local', 'global'],
+                   help="prune each layer to the sparsity, or rank all layers' weights together")
     p.add_argument('--criteria', default=d['criteria'], choices=sorted(CRITERIA), metavar='NAME',
                    help=f"one of {', '.join(sorted(CRITERIA))}")
     p.add_argument('--epochs', type=_int_at_least(1), default=None, help=f"epochs per run [{d['epochs']}; --quick {QUICK['epochs']}]")
@@ -200,11 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"use a random subset of this many images [all; --quick {QUICK['max_images']}]")
     p.add_argument('--pretrained', default=d['pretrained'], choices=['auto', 'yes', 'no'],
                    help="ImageNet weights: auto uses them when they can be fetched, else trains from random init")
-    p.add_argument('--device', default=d['device'], choices=['auto', 'cpu', 'cuda'])
+    p.add_argument('--device', default=d['device'], choices=['auto', 'cpu', 'cuda'], help="auto: cuda when available")
     p.add_argument('--out', default=d['out'], help="folder for the plots and results.csv")
     p.add_argument('--quick', action='store_true', help="a run of about one minute: " +
                    ', '.join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
-    p.add_argument('--seed', type=int, default=d['seed'])
+    p.add_argument('--seed', type=int, default=d['seed'], help="the same seed for every run: same initial weights, "
+                   "same batches")
     return p
 
 

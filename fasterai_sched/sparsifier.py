@@ -38,7 +38,7 @@ _DIRECT = 1 << 19  # below this many scores, CPU kthvalue is as quick as bracket
 
 def _bracketed_kth(scores: torch.Tensor, k: int):
     """CPU: the k-th smallest found among the few scores inside a bracket [lo, hi] estimated from a fixed random
-    sample: (value, count below lo, the scores inside), or None when the bracket misses it."""
+    sample: (value, count below lo, indices and values of the scores inside), or None when the bracket misses it."""
     n, m = scores.numel(), _SAMPLE
     sample = scores[torch.randint(n, (m,), generator=torch.Generator().manual_seed(n))]
     # the k-th smallest sits near rank k*m/n of the sample; 4 standard deviations of that rank either side
@@ -50,9 +50,10 @@ def _bracketed_kth(scores: torch.Tensor, k: int):
     below = scores < lo
     n_lo = int(below.count_nonzero())
     if n_lo >= k: return None
-    inside = scores[(scores <= hi).logical_xor_(below)]  # lo <= s <= hi
-    if n_lo + inside.numel() < k: return None
-    return inside.kthvalue(k - n_lo).values, n_lo, inside
+    idx = (scores <= hi).logical_xor_(below).nonzero().squeeze(1)  # lo <= s <= hi
+    if n_lo + idx.numel() < k: return None
+    inside = scores[idx]
+    return inside.kthvalue(k - n_lo).values, n_lo, idx, inside
 
 
 def _lowest_k_cpu(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -63,8 +64,11 @@ def _lowest_k_cpu(scores: torch.Tensor, k: int) -> torch.Tensor:
         out = scores <= t
         if out.count_nonzero() == k: return out
     else:
-        t, n_lo, inside = got
+        t, n_lo, idx, inside = got
         if n_lo + int((inside <= t).count_nonzero()) == k: return scores <= t
+        out = scores < t  # every score equal to t is inside the bracket: the lowest indices complete the count
+        out[idx[inside == t][:k - n_lo - int((inside < t).count_nonzero())]] = True
+        return out
     below = scores < t  # ties: the lowest indices among the scores equal to t complete the count
     below[(scores == t).nonzero().squeeze(1)[:k - int(below.count_nonzero())]] = True
     return below
@@ -360,7 +364,7 @@ class Sparsifier:
     def sparsity(self) -> float:
         "Percent of the pruned layers' weights that are zero, measured from the weights."
         ws = [m.weight for m in self.layers.values()]
-        zeros = torch.stack([(w == 0).sum().to('cpu') for w in ws]).sum().item()
+        zeros = torch.stack([(w.numel() - w.count_nonzero()).to('cpu') for w in ws]).sum().item()
         return 100. * zeros / sum(w.numel() for w in ws)
 
     def state_dict(self) -> dict:

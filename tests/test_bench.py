@@ -106,6 +106,7 @@ def test_fast_selection_matches_stable_sort(kind):
     with mock.patch.object(S, '_DIRECT', 64), mock.patch.object(S, '_SAMPLE', 256):  # bracket small inputs too
         for n in [64, 1000, 20_000]:
             s = tricky_scores(n, kind, g)
+            if n >= 1000: assert S._bracketed_kth(s, n // 2) is not None  # the fast path is what is tested
             for k in [0, 1, 2, n // 10, n // 2, n - n // 10, n - 2, n - 1, n, n + 3]:
                 got = S.lowest_k(s, k)
                 assert got.dtype == torch.bool and int(got.sum()) == min(max(k, 0), n)
