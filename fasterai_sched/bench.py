@@ -84,14 +84,15 @@ def synthetic_dls(size: int, bs: int, steps: int, n_out: int, device: torch.devi
 
 # ---- clocks ----
 class _Clock(Callback):
-    "Wall times: each epoch (mode 'fit'), or the training phase with and without its first step (mode 'step')."
+    """Times of each epoch (mode 'fit'), or of the training phase with and without its first step (mode 'step'):
+    wall-clock seconds, and the CPU seconds of this process, which other jobs on the same cores barely change."""
     order = 1000  # after every other callback, so their work is inside the times
 
     def __init__(self, device, per_step: bool): self.device, self.per_step = device, per_step
 
-    def _now(self):
+    def _now(self) -> tuple[float, float]:
         sync(self.device)
-        return time.perf_counter()
+        return time.perf_counter(), time.process_time()
 
     def before_fit(self): self.marks, self.epochs = {}, []; self.last = self._now()
 
@@ -109,7 +110,7 @@ class _Clock(Callback):
 
     def after_epoch(self):
         now = self._now()
-        self.epochs.append(now - self.last)
+        self.epochs.append((now[0] - self.last[0], now[1] - self.last[1]))
         self.last = now
 
 
@@ -159,12 +160,15 @@ def _one_run(variant: str, cfg: dict, device: torch.device) -> dict:
     with contextlib.redirect_stdout(io.StringIO()), learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter('ignore')
         learn.fit(1 if per_step else cfg['epochs'], 1e-3, cbs=cbs)
-    if per_step:
-        m, n = clock.marks, cfg['steps']
-        times = {'all': (m['end'] - m['start']) / n, 'after_first': (m['end'] - m['first']) / (n - 1)}
-    else:
-        e = clock.epochs
-        times = {'all': statistics.fmean(e), 'after_first': statistics.fmean(e[1:]) if len(e) > 1 else e[0]}
+    times = {}
+    for i, clk in enumerate(['', 'cpu_']):  # wall clock, then CPU time
+        if per_step:
+            m, n = clock.marks, cfg['steps']
+            times[clk + 'all'] = (m['end'][i] - m['start'][i]) / n
+            times[clk + 'after_first'] = (m['end'][i] - m['first'][i]) / (n - 1)
+        else:
+            e = [t[i] for t in clock.epochs]
+            times[clk + 'all'], times[clk + 'after_first'] = statistics.fmean(e), statistics.fmean(e[1:])
     sp = getattr(cb, 'sparsifier', None)
     mem = sp.memory_bytes() if hasattr(sp, 'memory_bytes') else None
     return {'times': times, 'sparsity': _measured_sparsity(model), 'memory_bytes': mem}
@@ -207,15 +211,17 @@ def run_train_bench(mode: str = 'fit', arch: str = 'resnet18', size: int = 32, b
 
 
 def _rows(runs: dict) -> list[dict]:
-    "Per variant: the median time, and the median over repeats of its ratio to the dense run of the same repeat."
+    """Per variant and clock (wall, CPU): the median time, and the median over repeats of its ratio to the dense
+    run of the same repeat."""
     rows = []
     for v, rs in runs.items():
         key = 'after_first' if VARIANTS[v][1] == 'one_shot' else 'all'
-        ratios = [r['times'][key] / d['times'][key] for r, d in zip(rs, runs['dense'])]
-        rows.append({'variant': v, 'timed': 'after the pruning step' if key == 'after_first' else 'all',
-                     'seconds': statistics.median(r['times'][key] for r in rs),
-                     'ratio': statistics.median(ratios) if v != 'dense' else 1.0,
-                     'ratios': ratios, 'sparsity': rs[-1]['sparsity'], 'memory_bytes': rs[-1]['memory_bytes']})
+        row = {'variant': v, 'timed': 'after the pruning step' if key == 'after_first' else 'all'}
+        for clk in ['', 'cpu_']:
+            ratios = [r['times'][clk + key] / d['times'][clk + key] for r, d in zip(rs, runs['dense'])]
+            row.update({clk + 'seconds': statistics.median(r['times'][clk + key] for r in rs),
+                        clk + 'ratio': statistics.median(ratios) if v != 'dense' else 1.0, clk + 'ratios': ratios})
+        rows.append({**row, 'sparsity': rs[-1]['sparsity'], 'memory_bytes': rs[-1]['memory_bytes']})
     return rows
 
 
@@ -225,22 +231,26 @@ def device_name(dev: torch.device) -> str:
 
 
 def format_train(res: dict) -> str:
+    "The plain table: medians, and medians of the per-repeat ratios to dense (also in CPU time on a CPU device)."
     c = res['config']
-    unit = 'per step' if c['mode'] == 'step' else 'per epoch'
+    unit = 'step' if c['mode'] == 'step' else 'epoch'
+    cpu = c['device'] == 'cpu'
     what = (f"{c['steps']} steps on one synthetic batch" if c['mode'] == 'step'
             else f"fastai fit of {c['epochs']} epochs on digits")
-    lines = [f"{c['arch']} at {c['size']} px, batch {c['bs']}, {what}; {c['device_name']}, torch {c['torch']}; "
-             f"median of {c['repeats']} interleaved repeats; sparsity {c['sparsity']}% (weight, large_final), "
-             f"masks recomputed at most every {c['frequency_used']} steps and at each epoch's end"]
-    head = f"{'variant':<22}{'s ' + unit:>14}{'x dense':>10}{'sparsity':>10}{'mask bytes':>14}{'copy bytes':>12}"
+    lines = [f"{c['arch']} at {c['size']} px, batch {c['bs']}, {what}; {c['device_name']}, torch {c['torch']}",
+             f"median of {c['repeats']} interleaved repeats; sparsity {c['sparsity']}% (weight, large_final); masks "
+             f"recomputed at most every {c['frequency_used']} steps and at each epoch's end"]
+    head = f"{'variant':<22}{'s/' + unit:>10}{'x dense':>9}"
+    if cpu: head += f"{'cpu s/' + unit:>14}{'x dense':>9}"
+    head += f"{'sparsity':>10}{'mask bytes':>13}{'copy bytes':>12}"
     lines += [head, '-' * len(head)]
     for r in res['rows']:
         mem = r['memory_bytes'] or {}
-        lines.append(f"{r['variant']:<22}{r['seconds']:>14.4f}{r['ratio']:>10.3f}{r['sparsity']:>9.2f}%"
-                     f"{mem.get('masks', 0):>14,}{mem.get('weight_copies', 0):>12,}")
+        line = f"{r['variant']:<22}{r['seconds']:>10.3f}{r['ratio']:>9.3f}"
+        if cpu: line += f"{r['cpu_seconds']:>14.3f}{r['cpu_ratio']:>9.3f}"
+        lines.append(line + f"{r['sparsity']:>9.2f}%{mem.get('masks', 0):>13,}{mem.get('weight_copies', 0):>12,}")
     if any(r['timed'] != 'all' for r in res['rows']):
-        lines.append("steady rows time what follows the one-shot pruning step (epochs after the first, or steps "
-                     "after the first) against the same span of the dense run")
+        lines.append(f"steady: the {unit}s after the one-shot pruning step, against the same {unit}s of the dense runs")
     lines += res['notes']
     return '\n'.join(lines)
 

@@ -276,11 +276,11 @@ class Sparsifier:
 
     def _set_masks(self, new: dict[str, torch.Tensor], optimizer=None) -> None:
         "Install `new` masks; weights that come back restart at zero with fresh optimizer state."
-        self.regrown = {n: mask > self.masks[n] for n, mask in new.items() if n in self.masks}  # kept now, not before
-        # one check for all layers: where nothing regrew (pruning that only tightens) there is nothing to reset
-        grew = torch.stack([r.any() for r in self.regrown.values()]).tolist() if self.regrown else []
-        for (n, where), g in zip(self.regrown.items(), grew):
-            if not g: continue
+        regrown = {n: mask > self.masks[n] for n, mask in new.items() if n in self.masks}  # kept now, not before
+        # one check for all layers; only layers where something regrew are kept (pruning that tightens holds none)
+        grew = torch.stack([r.any() for r in regrown.values()]).tolist() if regrown else []
+        self.regrown = {n: r for (n, r), g in zip(regrown.items(), grew) if g}
+        for n, where in self.regrown.items():
             for p, w in [(self.layers[n].weight, where), *self._channel_params(n, where)]:
                 p.masked_fill_(w.expand_as(p), 0)
                 if optimizer is not None: reset_optimizer_state(optimizer, p, w)

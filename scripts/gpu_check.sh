@@ -18,7 +18,7 @@ python -c "import torch, fastai; print('torch', torch.__version__, 'cuda', torch
            'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')" || status=1
 
 step "tests (not slow)"
-timeout 150 python -m pytest -q -m "not slow" -p no:cacheprovider tests 2>&1 | tail -n 25 || status=1
+timeout 200 python -m pytest -q -m "not slow" -p no:cacheprovider tests 2>&1 | tail -n 25 || status=1
 
 step "bench: resnet50 224 px, batch 64, per step"
 timeout 180 python -m fasterai_sched.bench --device cuda --mode step --arch resnet50 --size 224 --bs 64 \

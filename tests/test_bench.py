@@ -27,7 +27,10 @@ def check_rows(res, variants):
     assert list(rows) == variants
     assert rows['dense']['ratio'] == 1.0 and rows['dense']['memory_bytes'] is None
     for v in variants:
-        assert rows[v]['seconds'] > 0 and rows[v]['ratio'] > 0 and all(x > 0 for x in rows[v]['ratios'])
+        for clk in ['', 'cpu_']:  # wall clock and CPU time
+            r, n = rows[v], res['config']['repeats']
+            assert r[clk + 'seconds'] > 0 and r[clk + 'ratio'] > 0 and len(r[clk + 'ratios']) == n
+            assert all(x > 0 for x in r[clk + 'ratios'])
         if v != 'dense':
             assert rows[v]['sparsity'] == pytest.approx(90, abs=0.01)  # the fit really pruned
             mem = rows[v]['memory_bytes']
@@ -57,7 +60,9 @@ def test_fit_mode_table():
     assert res['config']['mode'] == 'fit'  # the default on CPU
     lines = text.splitlines()
     assert 'resnet18 at 8 px, batch 256, fastai fit of 2 epochs on digits' in lines[0]
-    assert lines[1].split()[:3] == ['variant', 's', 'per']
+    assert 'median of 1 interleaved repeats' in lines[1] and 'every 100 steps' in lines[1]
+    assert lines[2].split() == ['variant', 's/epoch', 'x', 'dense', 'cpu', 's/epoch', 'x', 'dense', 'sparsity', 'mask',
+                                'bytes', 'copy', 'bytes']
     for v in variants: assert any(line.startswith(v + ' ') for line in lines)
 
 
