@@ -22,7 +22,7 @@ __all__ = ['main', 'digits_folder', 'digits_dls', 'folder_dls', 'label_func', 'D
 PROG = 'fasterai-sched'
 # Chosen so that the default run fits in 10 minutes on 2 CPU cores with agp at 90% within a point of dense.
 DEFAULTS = dict(schedules='one_shot,iterative,agp', sparsity=90., granularity='weight', context='local',
-                criteria='large_final', epochs=8, start_epoch=2, arch='resnet18', size=16, bs=64, lr=1e-2,
+                criteria='large_final', epochs=8, start_epoch=2, end_epoch=None, arch='resnet18', size=16, bs=64, lr=1e-2,
                 fit='one_cycle', data='digits', device='auto', out='fasterai_sched_out', seed=42, max_images=None,
                 pretrained='auto')
 QUICK = dict(epochs=3, start_epoch=1, size=16, max_images=600)  # about a minute on 2 cores
@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--epochs', type=_int_at_least(1), default=None, help=f"epochs per run [{d['epochs']}; --quick {QUICK['epochs']}]")
     p.add_argument('--start-epoch', type=_int_at_least(0), default=None,
                    help=f"first epoch with pruning [{d['start_epoch']}; --quick {QUICK['start_epoch']}]")
+    p.add_argument('--end-epoch', type=_int_at_least(1), default=d['end_epoch'],
+                   help="the schedule reaches --sparsity after this many epochs; the rest fine-tunes [the last epoch]")
     p.add_argument('--arch', default=d['arch'], choices=arch_names(), metavar='NAME', help="resnet18, resnet34, xresnet18, ...")
     p.add_argument('--size', type=_int_at_least(1), default=None, help=f"image size in pixels [{d['size']}]")
     p.add_argument('--bs', type=_int_at_least(1), default=d['bs'], help="batch size")
@@ -227,6 +229,7 @@ class Config:
     criteria: str
     epochs: int
     start_epoch: int
+    end_epoch: int | None
     arch: str
     size: int
     bs: int
@@ -249,6 +252,9 @@ def make_config(args: argparse.Namespace) -> Config:
     if args.start_epoch is None and start_epoch >= epochs: start_epoch = epochs * start_epoch // base['epochs']
     if start_epoch >= epochs:
         raise UsageError('--start-epoch', f"{start_epoch} must be below --epochs {epochs} (allowed: 0 to {epochs - 1})")
+    end_epoch = args.end_epoch
+    if end_epoch is not None and not start_epoch < end_epoch <= epochs:
+        raise UsageError('--end-epoch', f"{end_epoch} must be after --start-epoch {start_epoch} and at most --epochs {epochs}")
     schedules = [s.strip() for s in args.schedules.split(',') if s.strip()]
     if not schedules: raise UsageError('--schedules', "give at least one schedule")
     for s in schedules:
@@ -260,7 +266,7 @@ def make_config(args: argparse.Namespace) -> Config:
     try: get_granularity(args.granularity, nn.Conv2d)
     except (TypeError, ValueError) as e: raise UsageError('--granularity', e) from e
     return Config(schedules, float(args.sparsity), args.granularity, args.context, args.criteria, epochs, start_epoch,
-                  args.arch, size, args.bs, args.lr, args.fit, _device(args.device), _out_folder(args.out), args.seed,
+                  end_epoch, args.arch, size, args.bs, args.lr, args.fit, _device(args.device), _out_folder(args.out), args.seed,
                   max_images, args.pretrained, args.data, args.quick)
 
 
@@ -353,7 +359,14 @@ def fit_call(cfg: Config, cb: str = '') -> str:
 
 def callback_call(cfg: Config, schedule: str) -> str:
     return (f"SparsifyCallback(sparsity={cfg.sparsity:g}, granularity={cfg.granularity!r}, context={cfg.context!r}, "
-            f"criteria={cfg.criteria}, schedule={schedule}, start_epoch={cfg.start_epoch})")
+            f"criteria={cfg.criteria}, schedule={schedule}, start_epoch={cfg.start_epoch}"
+            + (f", end_epoch={cfg.end_epoch})" if cfg.end_epoch else ")"))
+
+
+def make_callback(cfg: Config, schedule: str) -> SparsifyCallback:
+    return SparsifyCallback(sparsity=cfg.sparsity, granularity=cfg.granularity, context=cfg.context,
+                            criteria=CRITERIA[cfg.criteria], schedule=SCHEDULES[schedule], start_epoch=cfg.start_epoch,
+                            end_epoch=cfg.end_epoch)
 
 
 def train(cfg: Config, data: Data, pretrained: bool, schedule: str | None, bar: bool) -> RunResult:
@@ -364,9 +377,7 @@ def train(cfg: Config, data: Data, pretrained: bool, schedule: str | None, bar: 
     learn.unfreeze()
     cbs = []
     if schedule is not None:
-        cbs.append(SparsifyCallback(sparsity=cfg.sparsity, granularity=cfg.granularity, context=cfg.context,
-                                    criteria=CRITERIA[cfg.criteria], schedule=SCHEDULES[schedule],
-                                    start_epoch=cfg.start_epoch))
+        cbs.append(make_callback(cfg, schedule))
     if not bar: cbs.append(TableLogger())
     fit = learn.fit_one_cycle if cfg.fit == 'one_cycle' else learn.fit
     start = time.perf_counter()
@@ -479,7 +490,8 @@ def describe(cfg: Config, data: Data, pretrained: bool) -> str:
             f"valid; labels from {data.labelling}) resized to {cfg.size} px, 3 channels, on {cfg.device}\n"
             f"runs: dense, then {', '.join(cfg.schedules)}; {cfg.epochs} epochs each ({cfg.fit}, lr {cfg.lr:g}, "
             f"bs {cfg.bs}, seed {cfg.seed}, {'ImageNet weights' if pretrained else 'random init'}); pruning to "
-            f"{cfg.sparsity:g}% {cfg.granularity}/{cfg.context} by {cfg.criteria} from epoch {cfg.start_epoch}\n"
+            f"{cfg.sparsity:g}% {cfg.granularity}/{cfg.context} by {cfg.criteria} from epoch {cfg.start_epoch}"
+            f"{f' to the end of epoch {cfg.end_epoch - 1}, then fine-tuning' if cfg.end_epoch and cfg.end_epoch < cfg.epochs else ''}\n"
             f"output folder: {cfg.out}")
 
 
@@ -489,9 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = make_config(args)
         check_model(cfg)
-        for s in cfg.schedules:  # the callback's own checks, before anything trains
-            SparsifyCallback(sparsity=cfg.sparsity, granularity=cfg.granularity, context=cfg.context,
-                             criteria=CRITERIA[cfg.criteria], schedule=SCHEDULES[s], start_epoch=cfg.start_epoch)
+        for s in cfg.schedules: make_callback(cfg, s)  # the callback's own checks, before anything trains
         data = resolve_data(cfg.data_spec, cfg.max_images, cfg.seed)
         n_train = len(data.files) - int(len(data.files) * VALID_PCT)
         if cfg.bs > n_train: raise UsageError('--bs', f"{cfg.bs} is more than the {n_train} training images; "
