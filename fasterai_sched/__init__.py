@@ -1,12 +1,16 @@
 """fasterai_sched: make networks sparse while they train with fastai, on the schedule you choose."""
 __version__ = '0.1.0'
-from .granularity import register_granularity, granularity_names
-from .criteria import *
-from .criteria import __all__ as _criteria_all
-from .schedules import one_shot, iterative, agp, one_cycle, cos, lin, dsd, plot_schedules
-from .sparsifier import Sparsifier
-from .report import sparsity_report
-from .callback import SparsifyCallback
+import warnings as _warnings
+with _warnings.catch_warnings():
+    # fastai's import calls torch.jit.script, which recent PyTorch flags as deprecated: nothing a user can act on
+    _warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
+    from .granularity import register_granularity, granularity_names
+    from .criteria import *
+    from .criteria import __all__ as _criteria_all
+    from .schedules import one_shot, iterative, agp, one_cycle, cos, lin, dsd, plot_schedules
+    from .sparsifier import Sparsifier
+    from .report import sparsity_report
+    from .callback import SparsifyCallback
 
 __all__ = ['Sparsifier', 'SparsifyCallback', 'sparsity_report', 'register_granularity', 'granularity_names',
            'one_shot', 'iterative', 'agp', 'one_cycle', 'cos', 'lin', 'dsd', 'plot_schedules',

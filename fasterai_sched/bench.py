@@ -83,16 +83,33 @@ def synthetic_dls(size: int, bs: int, steps: int, n_out: int, device: torch.devi
 
 
 # ---- clocks ----
+_EVENTS = ('before_epoch', 'before_train', 'before_batch', 'after_pred', 'after_loss', 'before_backward',
+           'after_backward', 'before_step', 'after_step', 'after_cancel_step', 'after_batch', 'after_train',
+           'before_validate', 'after_validate', 'after_epoch')  # those inside an epoch
+
+
+def _time_events(cb: Callback, total: list[float]) -> None:
+    "Add the wall seconds `cb` spends in its own per-epoch events to `total[0]`: the direct cost of pruning."
+    for name in _EVENTS:
+        if getattr(type(cb), name, None) is None: continue
+        def timed(f=getattr(cb, name)):
+            t = time.perf_counter()
+            try: return f()
+            finally: total[0] += time.perf_counter() - t
+        object.__setattr__(cb, name, timed)
+
+
 class _Clock(Callback):
     """Times of each epoch (mode 'fit'), or of the training phase with and without its first step (mode 'step'):
-    wall-clock seconds, and the CPU seconds of this process, which other jobs on the same cores barely change."""
+    wall-clock seconds, CPU seconds of this process, and wall seconds spent inside the callback under test."""
     order = 1000  # after every other callback, so their work is inside the times
 
-    def __init__(self, device, per_step: bool): self.device, self.per_step = device, per_step
+    def __init__(self, device, per_step: bool):
+        self.device, self.per_step, self.in_callback = device, per_step, [0.]
 
-    def _now(self) -> tuple[float, float]:
+    def _now(self) -> tuple[float, float, float]:
         sync(self.device)
-        return time.perf_counter(), time.process_time()
+        return time.perf_counter(), time.process_time(), self.in_callback[0]
 
     def before_fit(self): self.marks, self.epochs = {}, []; self.last = self._now()
 
@@ -110,7 +127,7 @@ class _Clock(Callback):
 
     def after_epoch(self):
         now = self._now()
-        self.epochs.append((now[0] - self.last[0], now[1] - self.last[1]))
+        self.epochs.append(tuple(a - b for a, b in zip(now, self.last)))
         self.last = now
 
 
@@ -156,12 +173,13 @@ def _one_run(variant: str, cfg: dict, device: torch.device) -> dict:
     model = build_model(cfg['arch'], 10).to(device)
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=Adam)
     clock, cb = _Clock(device, per_step), make_callback(variant, cfg.get('frequency'))
+    if cb is not None: _time_events(cb, clock.in_callback)
     cbs = [clock] + ([cb] if cb is not None else [])
     with contextlib.redirect_stdout(io.StringIO()), learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter('ignore')
         learn.fit(1 if per_step else cfg['epochs'], 1e-3, cbs=cbs)
     times = {}
-    for i, clk in enumerate(['', 'cpu_']):  # wall clock, then CPU time
+    for i, clk in enumerate(['', 'cpu_', 'callback_']):  # wall clock, CPU time, wall time inside the callback
         if per_step:
             m, n = clock.marks, cfg['steps']
             times[clk + 'all'] = (m['end'][i] - m['start'][i]) / n
@@ -211,18 +229,26 @@ def run_train_bench(mode: str = 'fit', arch: str = 'resnet18', size: int = 32, b
 
 
 def _rows(runs: dict) -> list[dict]:
-    """Per variant and clock (wall, CPU): the median time, and the median over repeats of its ratio to the dense
-    run of the same repeat."""
+    """Per variant and clock (wall, CPU): the median time and the median over repeats of its ratio to the dense run
+    of the same repeat; the median share of the time spent inside the callback. Steady rows time what follows the
+    one-shot pruning step, and a row 'dense, after first' holds the dense runs' same span."""
     rows = []
     for v, rs in runs.items():
-        key = 'after_first' if VARIANTS[v][1] == 'one_shot' else 'all'
-        row = {'variant': v, 'timed': 'after the pruning step' if key == 'after_first' else 'all'}
-        for clk in ['', 'cpu_']:
-            ratios = [r['times'][clk + key] / d['times'][clk + key] for r, d in zip(rs, runs['dense'])]
-            row.update({clk + 'seconds': statistics.median(r['times'][clk + key] for r in rs),
-                        clk + 'ratio': statistics.median(ratios) if v != 'dense' else 1.0, clk + 'ratios': ratios})
-        rows.append({**row, 'sparsity': rs[-1]['sparsity'], 'memory_bytes': rs[-1]['memory_bytes']})
+        rows.append(_row(v, rs, runs['dense'], 'after_first' if VARIANTS[v][1] == 'one_shot' else 'all'))
+        if v == 'dense' and any(VARIANTS[u][1] == 'one_shot' for u in runs):
+            rows.append(_row('dense, after first', rs, rs, 'after_first'))
     return rows
+
+
+def _row(name: str, rs: list[dict], dense: list[dict], key: str) -> dict:
+    row = {'variant': name, 'timed': 'after the pruning step' if key == 'after_first' else 'all'}
+    for clk in ['', 'cpu_']:
+        ratios = [r['times'][clk + key] / d['times'][clk + key] for r, d in zip(rs, dense)]
+        row.update({clk + 'seconds': statistics.median(r['times'][clk + key] for r in rs),
+                    clk + 'ratio': statistics.median(ratios), clk + 'ratios': ratios})
+    shares = [r['times']['callback_' + key] / r['times'][key] for r in rs]
+    return {**row, 'callback_share': statistics.median(shares), 'callback_shares': shares,
+            'sparsity': rs[-1]['sparsity'], 'memory_bytes': rs[-1]['memory_bytes']}
 
 
 def device_name(dev: torch.device) -> str:
@@ -241,16 +267,18 @@ def format_train(res: dict) -> str:
              f"median of {c['repeats']} interleaved repeats; sparsity {c['sparsity']}% (weight, large_final); masks "
              f"recomputed at most every {c['frequency_used']} steps and at each epoch's end"]
     head = f"{'variant':<22}{'s/' + unit:>10}{'x dense':>9}"
-    if cpu: head += f"{'cpu s/' + unit:>14}{'x dense':>9}"
+    if cpu: head += f"{'cpu s/' + unit:>14}{'x dense':>9}{'in callback':>13}"
     head += f"{'sparsity':>10}{'mask bytes':>13}{'copy bytes':>12}"
     lines += [head, '-' * len(head)]
     for r in res['rows']:
         mem = r['memory_bytes'] or {}
         line = f"{r['variant']:<22}{r['seconds']:>10.3f}{r['ratio']:>9.3f}"
-        if cpu: line += f"{r['cpu_seconds']:>14.3f}{r['cpu_ratio']:>9.3f}"
+        if cpu: line += f"{r['cpu_seconds']:>14.3f}{r['cpu_ratio']:>9.3f}{100 * r['callback_share']:>12.2f}%"
         lines.append(line + f"{r['sparsity']:>9.2f}%{mem.get('masks', 0):>13,}{mem.get('weight_copies', 0):>12,}")
     if any(r['timed'] != 'all' for r in res['rows']):
-        lines.append(f"steady: the {unit}s after the one-shot pruning step, against the same {unit}s of the dense runs")
+        lines.append(f"steady: the {unit}s after the one-shot pruning step, against the same {unit}s of the dense runs "
+                     "('dense, after first')")
+    if cpu: lines.append(f"in callback: share of the {unit} spent in SparsifyCallback's own events (wall clock)")
     lines += res['notes']
     return '\n'.join(lines)
 
