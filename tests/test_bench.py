@@ -24,15 +24,18 @@ def run_main(*args):
 
 def check_rows(res, variants):
     rows = {r['variant']: r for r in res['rows']}
-    assert list(rows) == variants
+    expected = ['dense'] + ['dense, after first'] * ('steady' in variants) + variants[1:]
+    assert list(rows) == expected
     assert rows['dense']['ratio'] == 1.0 and rows['dense']['memory_bytes'] is None
-    for v in variants:
+    for v in expected:
         for clk in ['', 'cpu_']:  # wall clock and CPU time
             r, n = rows[v], res['config']['repeats']
             assert r[clk + 'seconds'] > 0 and r[clk + 'ratio'] > 0 and len(r[clk + 'ratios']) == n
             assert all(x > 0 for x in r[clk + 'ratios'])
-        if v != 'dense':
+        if v.startswith('dense'): assert rows[v]['callback_share'] == 0 and rows[v]['sparsity'] == 0
+        else:
             assert rows[v]['sparsity'] == pytest.approx(90, abs=0.01)  # the fit really pruned
+            assert 0 < rows[v]['callback_share'] < 1
             mem = rows[v]['memory_bytes']
             assert mem['masks'] > 0 and mem['weight_copies'] == 0  # large_final keeps no copy of the weights
 
@@ -61,9 +64,9 @@ def test_fit_mode_table():
     lines = text.splitlines()
     assert 'resnet18 at 8 px, batch 256, fastai fit of 2 epochs on digits' in lines[0]
     assert 'median of 1 interleaved repeats' in lines[1] and 'every 100 steps' in lines[1]
-    assert lines[2].split() == ['variant', 's/epoch', 'x', 'dense', 'cpu', 's/epoch', 'x', 'dense', 'sparsity', 'mask',
-                                'bytes', 'copy', 'bytes']
-    for v in variants: assert any(line.startswith(v + ' ') for line in lines)
+    assert lines[2].split() == ['variant', 's/epoch', 'x', 'dense', 'cpu', 's/epoch', 'x', 'dense', 'in', 'callback',
+                                'sparsity', 'mask', 'bytes', 'copy', 'bytes']
+    for v in variants + ['dense, after first']: assert any(line.startswith(v + ' ') for line in lines)
 
 
 @pytest.mark.skipif(bench.fasterai_available()[0], reason="fasterai is installed: its rows are not skipped")
@@ -160,3 +163,43 @@ def test_cpu_apply_equals_multiplying_by_the_mask(dtype, granularity):
     sp.apply()
     for p, e in zip(sp._targets[0], expected): assert torch.equal(p.detach(), e) and p.dtype == dtype
     assert all(p._version > v for p, v in zip(sp._targets[0], versions))  # autograd sees the in-place change
+
+
+# ---- how often masks are recomputed ----
+def recomputes(frequency=100, schedule=None, n_epoch=3, **kw):
+    "Fit 15 steps per epoch; the global steps at which the masks were recomputed, the epoch lines and the callback."
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from conftest import small_dls, small_net, fit_capture, epoch_lines
+    from fasterai_sched import SparsifyCallback, agp
+    torch.manual_seed(0)
+    learn = Learner(small_dls(n=400, bs=20), small_net(), loss_func=CrossEntropyLossFlat())
+    cb = SparsifyCallback(sparsity=80, schedule=schedule or agp, frequency=frequency, **kw)
+    steps, prune = [], S.Sparsifier.prune
+    def counting(self, *a, **k):
+        steps.append(learn.epoch * len(learn.dls.train) + learn.iter + 1)
+        return prune(self, *a, **k)
+    with mock.patch.object(S.Sparsifier, 'prune', counting): text = fit_capture(learn, n_epoch, [cb])
+    assert len(learn.dls.train) == 15
+    return steps, epoch_lines(text), cb
+
+
+def test_default_frequency_recomputes_at_start_and_epoch_ends_only():
+    steps, lines, cb = recomputes()
+    assert cb.frequency == 100 and steps == [1, 15, 30, 45]
+    every, lines_every, _ = recomputes(frequency=None)
+    assert len(every) >= 40 and every[:2] == [1, 2]  # agp moves the count at (nearly) every step
+    assert lines == lines_every and lines[-1] == 80.0  # the epoch lines do not depend on the frequency
+
+
+def test_frequency_spaces_recomputes_and_epoch_ends_stay():
+    steps, lines, _ = recomputes(frequency=4)
+    assert steps == [1, 4, 8, 12, 15, 16, 20, 24, 28, 30, 32, 36, 40, 44, 45]
+    assert lines == recomputes(frequency=1)[1]
+
+
+def test_recompute_when_pruning_ends():
+    "A schedule that switches pruning off mid-epoch: the masks are released at once, not at the epoch's end."
+    def on_then_off(start, end, pos): return end if pos < 0.6 else start
+    steps, lines, _ = recomputes(schedule=on_then_off)
+    assert steps == [1, 27] and lines[0] == 80.0  # 27 = 0.6 * 45 steps: neither an epoch end nor a multiple of 100
