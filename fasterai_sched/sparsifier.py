@@ -32,35 +32,43 @@ def n_to_prune(sparsity: float, n: int) -> int:
     return math.floor(Fraction(sparsity) * n / 100)
 
 
-_SAMPLE = 1 << 16  # scores drawn to bracket the k-th smallest on CPU
-_DIRECT = 1 << 19  # below this many scores, CPU kthvalue is as quick as bracketing
+_SAMPLE = 1 << 16  # scores drawn to bracket the k-th smallest
+_DIRECT = 1 << 19  # below this many scores, bracketing saves nothing
+
+
+def _small_kth(x: torch.Tensor, k: int) -> torch.Tensor:
+    "The k-th smallest (1-based) of a tensor of moderate size: kthvalue on CPU, a sort on CUDA (kthvalue is slow there)."
+    return x.kthvalue(k).values if x.device.type == 'cpu' else x.sort().values[k - 1]
 
 
 def _bracketed_kth(scores: torch.Tensor, k: int):
-    """CPU: the k-th smallest found among the few scores inside a bracket [lo, hi] estimated from a fixed random
-    sample: (value, count below lo, indices and values of the scores inside), or None when the bracket misses it."""
+    """The k-th smallest found among the few scores inside a bracket [lo, hi] estimated from a fixed random sample:
+    (value, count below lo, indices and values of the scores inside), or None when the bracket misses it.
+    A few host syncs, once per selection; every pass over all scores is a comparison or a count."""
     n, m = scores.numel(), _SAMPLE
-    sample = scores[torch.randint(n, (m,), generator=torch.Generator().manual_seed(n))]
+    pick = torch.randint(n, (m,), generator=torch.Generator().manual_seed(n)).to(scores.device)
+    sample = scores[pick]
     # the k-th smallest sits near rank k*m/n of the sample; 4 standard deviations of that rank either side
     p = k / n
     rank, spread = p * m, 4 * math.sqrt(m * p * (1 - p)) + 2
     lo_r, hi_r = math.floor(rank - spread), math.ceil(rank + spread)
-    lo = sample.kthvalue(lo_r + 1).values.item() if lo_r >= 0 else -math.inf
-    hi = sample.kthvalue(hi_r + 1).values.item() if hi_r < m else math.inf
+    lo = _small_kth(sample, lo_r + 1).item() if lo_r >= 0 else -math.inf
+    hi = _small_kth(sample, hi_r + 1).item() if hi_r < m else math.inf
     below = scores < lo
     n_lo = int(below.count_nonzero())
     if n_lo >= k: return None
     idx = (scores <= hi).logical_xor_(below).nonzero().squeeze(1)  # lo <= s <= hi
     if n_lo + idx.numel() < k: return None
     inside = scores[idx]
-    return inside.kthvalue(k - n_lo).values, n_lo, idx, inside
+    t = inside[0] if lo == hi else _small_kth(inside, k - n_lo)  # lo == hi: every score inside equals it
+    return t, n_lo, idx, inside
 
 
-def _lowest_k_cpu(scores: torch.Tensor, k: int) -> torch.Tensor:
-    "`lowest_k` for 0 < k < n on CPU: a single comparison pass unless ties straddle the k-th smallest."
+def _lowest_k_bracketed(scores: torch.Tensor, k: int) -> torch.Tensor:
+    "`lowest_k` for 0 < k < n: a single comparison pass over all scores unless ties straddle the k-th smallest."
     got = _bracketed_kth(scores, k) if scores.numel() >= _DIRECT else None
     if got is None:
-        t = scores.kthvalue(k).values
+        t = _kth_direct(scores, k)
         out = scores <= t
         if out.count_nonzero() == k: return out
     else:
@@ -74,30 +82,28 @@ def _lowest_k_cpu(scores: torch.Tensor, k: int) -> torch.Tensor:
     return below
 
 
-def _kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    "The k-th smallest of a 1-d tensor (1-based), as a 0-d tensor; on CUDA without a host sync."
-    if scores.device.type == 'cpu':
-        got = _bracketed_kth(scores, k) if scores.numel() >= _DIRECT else None
-        return scores.kthvalue(k).values if got is None else got[0]
-    # kthvalue is slow on CUDA and quantile refuses large inputs: topk of the smaller side instead
+def _kth_direct(scores: torch.Tensor, k: int, topk: bool | None = None) -> torch.Tensor:
+    """The k-th smallest (1-based) over all scores, as a 0-d tensor: kthvalue on CPU; on CUDA (or `topk=True`) topk of
+    the smaller side, since kthvalue is slow there and quantile refuses large inputs."""
+    if not (scores.device.type == 'cuda' if topk is None else topk): return scores.kthvalue(k).values
     n = scores.numel()
     if k <= n - k + 1: return scores.topk(k, largest=False, sorted=False).values.max()
     return scores.topk(n - k + 1, sorted=False).values.min()
 
 
-def _lowest_k_no_sync(scores: torch.Tensor, k: int) -> torch.Tensor:
-    "`lowest_k` for 0 < k < n, all on the scores' device: no host sync, ties ranked with a cumulative count."
-    t = _kth_smallest(scores, k)
-    below, tied = scores < t, scores == t
-    return below | (tied & (tied.cumsum(0) <= k - below.sum()))
+def _kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    "The k-th smallest of a 1-d tensor (1-based), as a 0-d tensor: bracketed when the tensor is large."
+    got = _bracketed_kth(scores, k) if scores.numel() >= _DIRECT else None
+    return _kth_direct(scores, k) if got is None else got[0]
 
 
 def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    "Boolean mask of exactly the `k` lowest of a 1-d tensor; among equal scores the lower index goes first."
+    """Boolean mask of exactly the `k` lowest of a 1-d tensor; among equal scores the lower index goes first.
+    It reads the counts it needs back to the host (masks change at most every `frequency` steps, never per step)."""
     n = scores.numel()
     if k <= 0: return torch.zeros(n, dtype=torch.bool, device=scores.device)
     if k >= n: return torch.ones(n, dtype=torch.bool, device=scores.device)
-    return _lowest_k_cpu(scores, k) if scores.device.type == 'cpu' else _lowest_k_no_sync(scores, k)
+    return _lowest_k_bracketed(scores, k)
 
 
 _NUMPY_FLOATS = (torch.float32, torch.float64, torch.float16)
@@ -155,6 +161,7 @@ class Sparsifier:
         self.rewind_weights: dict[str, torch.Tensor] = {}
         self.sparsity_target: float | dict = 0.
         self.regrown: dict[str, torch.Tensor] = {}
+        self._regrowths = 0  # whole channels restarted so far: seeds their fresh draws
         self._bn = _following_batchnorm(self.model)
         self._targets: tuple[list, list] = ([], [])
         self._masked_pct = 0.
@@ -281,12 +288,34 @@ class Sparsifier:
         grew = torch.stack([r.any() for r in regrown.values()]).tolist() if regrown else []
         self.regrown = {n: r for (n, r), g in zip(regrown.items(), grew) if g}
         for n, where in self.regrown.items():
-            for p, w in [(self.layers[n].weight, where), *self._channel_params(n, where)]:
-                p.masked_fill_(w.expand_as(p), 0)
-                if optimizer is not None: reset_optimizer_state(optimizer, p, w)
+            if self._output_mask(n, where) is None:
+                self.layers[n].weight.masked_fill_(where.expand_as(self.layers[n].weight), 0)
+            else: self._restart_channels(n, where)
+            if optimizer is not None:
+                for p, w in [(self.layers[n].weight, where), *self._channel_params(n, where)]:
+                    reset_optimizer_state(optimizer, p, w)
         self.masks = new
         self._build_targets()
         self.apply()
+
+    def _restart_channels(self, n: str, where: torch.Tensor) -> None:
+        """Regrown whole output channels start as new ones: weights drawn as PyTorch initializes a fresh layer
+        (uniform within 1/sqrt(fan_in)), bias 0, the following BatchNorm at (1, 0) with fresh running statistics.
+        At zero they could never learn: zero weights give a constant channel, and BatchNorm and ReLU pass it no gradient.
+        The draw is seeded (seed, layer, regrowth count), so every process of a distributed run draws the same."""
+        w, m = self.layers[n].weight, self.layers[n]
+        self._regrowths += 1
+        g = torch.Generator().manual_seed((self.seed * 100_003 + list(self.layers).index(n)) * 7_919 + self._regrowths)
+        bound = 1 / math.sqrt(max(1, w[0].numel()))
+        fresh = torch.empty(w.shape, dtype=torch.float32).uniform_(-bound, bound, generator=g).to(w.device, w.dtype)
+        where_w = where.expand_as(w)
+        w.copy_(torch.where(where_w, fresh, w))
+        ch = self._output_mask(n, where).to(w.device)
+        if isinstance(getattr(m, 'bias', None), torch.Tensor): m.bias.masked_fill_(ch, 0)
+        bn = self._bn.get(m)
+        if bn is not None and bn.num_features == ch.numel():
+            if bn.affine: bn.weight.masked_fill_(ch, 1); bn.bias.masked_fill_(ch, 0)
+            if bn.running_mean is not None: bn.running_mean.masked_fill_(ch, 0); bn.running_var.masked_fill_(ch, 1)
 
     def _build_targets(self) -> None:
         "The flat lists `apply` multiplies: each weight (and for whole filters, its bias and BatchNorm) with its mask."

@@ -63,7 +63,8 @@ def test_fit_mode_table():
     assert res['config']['mode'] == 'fit'  # the default on CPU
     lines = text.splitlines()
     assert 'resnet18 at 8 px, batch 256, fastai fit of 2 epochs on digits' in lines[0]
-    assert 'median of 1 interleaved repeats' in lines[1] and 'every 100 steps' in lines[1]
+    assert 'median of 1 repeats, variants interleaved batch by batch' in lines[1] and 'every 100 steps' in lines[1]
+    assert res['config']['interleave'] == 'batch'  # the default on CPU
     assert lines[2].split() == ['variant', 's/epoch', 'x', 'dense', 'cpu', 's/epoch', 'x', 'dense', 'in', 'callback',
                                 'sparsity', 'mask', 'bytes', 'copy', 'bytes']
     for v in variants + ['dense, after first']: assert any(line.startswith(v + ' ') for line in lines)
@@ -121,8 +122,7 @@ def test_fast_selection_matches_stable_sort(kind):
                 assert torch.equal(got, reference_lowest_k(s, k)), (kind, n, k)
                 if 0 < k <= n:
                     assert S._kth_smallest(s, k) == s.sort().values[k - 1]
-                if 0 < k < n:  # the path CUDA takes, run here on CPU
-                    assert torch.equal(S._lowest_k_no_sync(s, k), got)
+                    assert S._kth_direct(s, k, topk=True) == s.sort().values[k - 1]  # CUDA's way, run on CPU
 
 
 def test_bracket_is_taken_and_its_miss_falls_back():
@@ -135,7 +135,7 @@ def test_bracket_is_taken_and_its_miss_falls_back():
     s[picked] = 10 + s[picked]
     assert S._bracketed_kth(s, k) is None
     assert torch.equal(S.lowest_k(s, k), reference_lowest_k(s, k))
-    assert S._kth_smallest(s, k) == s.kthvalue(k).values
+    assert S._kth_smallest(s, k) == s.kthvalue(k).values == S._kth_direct(s, k, topk=True)
 
 
 @settings(max_examples=60, deadline=None)

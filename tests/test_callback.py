@@ -136,16 +136,10 @@ def test_start_sparsity_and_end_epoch_shape_the_window():
 
 
 # ---- every schedule, both contexts, weight and filter ----
-DEAD_FILTER = ("contract conflict, reported: a filter regrown at the last step restarts from zero with its bias and "
-               "BatchNorm at zero, so ReLU(0) passes no gradient and it is still zero when Final Sparsity is measured")
-
-
 @pytest.mark.parametrize('granularity', ['weight', 'filter'])
 @pytest.mark.parametrize('context', ['local', 'global'])
 @pytest.mark.parametrize('schedule', SCHEDULES, ids=lambda f: f.__name__)
-def test_every_schedule_ends_at_its_target(schedule, context, granularity, request):
-    if schedule is fs.dsd and granularity == 'filter':
-        request.applymarker(pytest.mark.xfail(strict=True, reason=DEAD_FILTER))
+def test_every_schedule_ends_at_its_target(schedule, context, granularity):
     # even_net: two layers of 8 filters of 72 weights each, so 75% of units is 75% of weights exactly
     learn, probe = learner(even_net, c=8), Probe()
     cb = SparsifyCallback(sparsity=75, granularity=granularity, context=context, schedule=schedule)
@@ -286,7 +280,14 @@ class RegrowthCheck(Callback):
             regrown = (sp.masks[n] & ~self.before.masks[n]).expand_as(m.weight)
             if not regrown.any(): continue
             self.events += 1
-            if (m.weight[regrown] != 0).any(): self.bad.append((n, 'weight'))
+            if sp.granularity[n].name == 'filter':  # whole filters start as new ones: a fresh draw, BatchNorm at (1, 0)
+                bound, w = 1 / m.weight[0].numel() ** .5, m.weight[regrown]
+                if not (w.abs() <= bound).all() or (w == 0).all(): self.bad.append((n, 'fresh weight'))
+                bn, ch = sp._bn.get(m), regrown.flatten(1).any(1)
+                if bn is not None and not ((bn.weight[ch] == 1).all() and (bn.bias[ch] == 0).all()
+                                           and (bn.running_var[ch] == 1).all()):
+                    self.bad.append((n, 'batchnorm'))
+            elif (m.weight[regrown] != 0).any(): self.bad.append((n, 'weight'))
             for k, v in _state(self.opt, m.weight).items():
                 if (v[regrown] != 0).any(): self.bad.append((n, k))
                 if (self.before.state[n][k][regrown] != 0).any(): self.stale_before += 1
@@ -294,7 +295,8 @@ class RegrowthCheck(Callback):
 
 @pytest.mark.parametrize('opt, granularity', [('sgd_momentum', 'weight'), ('adamw', 'weight'), ('torch_adamw', 'weight'),
                                               ('adamw', 'filter')])
-def test_dsd_regrown_weights_restart_from_zero_with_fresh_optimizer_state(opt, granularity):
+def test_dsd_regrown_weights_restart_with_fresh_optimizer_state(opt, granularity):
+    "Regrown weights restart from zero; regrown whole filters as new filters. Optimizer state starts afresh."
     learn = learner(opt_func=OPTIMIZERS[opt], wd=0.01)
     cb = SparsifyCallback(sparsity=80, granularity=granularity, schedule=fs.dsd)
     before = StateBefore(cb)

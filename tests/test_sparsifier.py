@@ -173,6 +173,37 @@ def test_regrown_weights_restart_from_zero_with_fresh_optimizer_state():
     assert opt.state[w]['exp_avg'][kept_both].any()
 
 
+def test_regrown_filters_start_as_new_filters_the_same_in_every_process():
+    "A whole filter back from pruning: fresh weights within PyTorch's init bound, bias 0, BatchNorm (1, 0), fresh stats."
+    def regrow():
+        torch.manual_seed(0)
+        model = randomize_bn_(small_net())
+        model.train(); model(torch.randn(8, 3, 8, 8))  # running statistics away from (0, 1)
+        opt = torch.optim.Adam(model.parameters(), lr=0.1)
+        model(torch.randn(4, 3, 8, 8)).sum().backward(); opt.step()
+        sp = Sparsifier(model, 'filter', 'local', random, seed=1)
+        sp.prune(50, optimizer=opt)
+        first = {n: m.clone() for n, m in sp.masks.items()}
+        sp.seed = 2  # other draws, same target: some filters come back
+        sp.prune(50, optimizer=opt)
+        return model, sp, first, opt
+    model, sp, first, opt = regrow()
+    conv, bn = model[3], model[4]
+    back = (sp.masks['3'] & ~first['3']).flatten()
+    assert int(back.sum()) > 0
+    w = conv.weight[back]
+    assert (w != 0).all() and (w.abs() <= 1 / math.sqrt(conv.weight[0].numel())).all()
+    assert not conv.bias[back].any() and (bn.weight[back] == 1).all() and not bn.bias[back].any()
+    assert not bn.running_mean[back].any() and (bn.running_var[back] == 1).all()
+    for p in (conv.weight, conv.bias, bn.weight, bn.bias):
+        for v in ('exp_avg', 'exp_avg_sq'): assert not opt.state[p][v][back].any()
+    stayed = (sp.masks['3'] & first['3']).flatten()  # filters kept throughout are untouched by the restart
+    assert (bn.weight[stayed] != 1).all() and opt.state[conv.weight]['exp_avg'][stayed].any()
+    assert torch.equal(regrow()[0][3].weight, conv.weight)  # seeded draws: every process restarts them alike
+    opt.zero_grad(); model(torch.randn(4, 3, 8, 8)).sum().backward()
+    assert conv.weight.grad[back].abs().sum() > 0  # and they learn again
+
+
 def test_state_dict_round_trip_into_a_fresh_sparsifier():
     model = randomize_bn_(small_net())
     sp = Sparsifier(model, 'filter', 'global', 'large_init')
@@ -311,12 +342,14 @@ def test_cuda_prune_apply_counts_match_cpu(dtype, gran, context):
         assert torch.equal(mask.cpu(), sp_cpu.masks[n])  # the same selection on both devices
     gpu_sd, cpu_sd = gpu_model.state_dict(), cpu_model.state_dict()
     assert all(torch.equal(gpu_sd[k].cpu(), cpu_sd[k]) for k in cpu_sd)
-    with torch.no_grad():
-        for p in gpu_model.parameters(): p.add_(1)
-    sp_gpu.apply()
+    with torch.no_grad():  # the same change on both devices: kept weights move, pruned ones must return to zero
+        for model in (gpu_model, cpu_model):
+            for p in model.parameters(): p.add_(1)
+    sp_gpu.apply(); sp_cpu.apply()
     for n in CONVS:
         w = sp_gpu.layers[n].weight
         assert w.dtype == dtype and not w[~sp_gpu.masks[n].expand_as(w)].any()
+        assert torch.equal(w.cpu(), sp_cpu.layers[n].weight)
     assert sp_gpu.sparsity() == pytest.approx(sp_cpu.sparsity())
     with torch.no_grad(): gpu_model(torch.randn(2, 4, 8, 8, device='cuda', dtype=dtype))
 
