@@ -4,7 +4,8 @@
 training steps over one synthetic batch (mode 'step', the GPU measurement), and prints medians and the ratio to
 dense. `python -m fasterai_sched.bench select --n 100000000` times the exact-count selection over N scores."""
 from __future__ import annotations
-import argparse, contextlib, inspect, io, json, platform, statistics, sys, time, warnings
+import argparse, contextlib, inspect, io, json, platform, statistics, sys, threading, time, warnings
+from functools import partial
 import torch, torch.nn as nn, torch.nn.functional as F
 from fastai.callback.core import Callback, CancelValidException
 from fastai.data.core import DataLoaders
@@ -99,17 +100,55 @@ def _time_events(cb: Callback, total: list[float]) -> None:
         object.__setattr__(cb, name, timed)
 
 
+class _Turns:
+    """Fits in threads that take turns, one batch each: whatever else loads the shared cores hits every variant
+    alike. Each run's clock only advances while it holds the turn."""
+    def __init__(self, n: int, device: torch.device):
+        self.cond, self.turn, self.left, self.device = threading.Condition(), 0, list(range(n)), device
+        self.held = [(0., 0.)] * n  # (wall, CPU) seconds each run has held the turn
+        self.since = (0., 0.)
+
+    def take(self, i: int) -> None:
+        with self.cond: self.cond.wait_for(lambda: self.turn == i)
+        self.since = time.perf_counter(), time.process_time()
+
+    def now(self, i: int) -> tuple[float, float]:
+        "Seconds run `i` has held the turn, this one included (called while it holds it)."
+        return tuple(h + t - s for h, t, s in zip(self.held[i], (time.perf_counter(), time.process_time()), self.since))
+
+    def give(self, i: int, leave: bool = False) -> None:
+        sync(self.device)
+        self.held[i] = self.now(i)
+        with self.cond:
+            k = self.left.index(i)
+            if leave: self.left.remove(i)
+            if self.left: self.turn = self.left[(k if leave else k + 1) % len(self.left)]
+            self.cond.notify_all()
+
+
+class _PassTurn(Callback):
+    "After each batch, hand the turn to the next run and wait for it to come back."
+    order = 1001  # after the clock
+
+    def __init__(self, turns: _Turns, i: int): self.turns, self.i = turns, i
+
+    def after_batch(self):
+        self.turns.give(self.i)
+        self.turns.take(self.i)
+
+
 class _Clock(Callback):
     """Times of each epoch (mode 'fit'), or of the training phase with and without its first step (mode 'step'):
     wall-clock seconds, CPU seconds of this process, and wall seconds spent inside the callback under test."""
     order = 1000  # after every other callback, so their work is inside the times
 
-    def __init__(self, device, per_step: bool):
-        self.device, self.per_step, self.in_callback = device, per_step, [0.]
+    def __init__(self, device, per_step: bool, clock=None):
+        self.device, self.per_step, self.in_callback, self.clock = device, per_step, [0.], clock
 
     def _now(self) -> tuple[float, float, float]:
         sync(self.device)
-        return time.perf_counter(), time.process_time(), self.in_callback[0]
+        wall, cpu = self.clock() if self.clock else (time.perf_counter(), time.process_time())
+        return wall, cpu, self.in_callback[0]
 
     def before_fit(self): self.marks, self.epochs = {}, []; self.last = self._now()
 
@@ -165,38 +204,74 @@ def _measured_sparsity(model: nn.Module) -> float:
     return 100. * sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
 
 
-def _one_run(variant: str, cfg: dict, device: torch.device) -> dict:
-    "One fit of `variant`; its times, final sparsity and the bytes its sparsifier holds."
+def _prepare(variant: str, cfg: dict, device: torch.device, clock=None) -> tuple:
+    "A learner for `variant`, with its clock and the callback under test (None for dense)."
     per_step = cfg['mode'] == 'step'
     if per_step: dls = synthetic_dls(cfg['size'], cfg['bs'], cfg['steps'], 10, device)
     else: dls = digits_dls(cfg['size'], cfg['bs'], device)
-    model = build_model(cfg['arch'], 10).to(device)
-    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=Adam)
-    clock, cb = _Clock(device, per_step), make_callback(variant, cfg.get('frequency'))
-    if cb is not None: _time_events(cb, clock.in_callback)
-    cbs = [clock] + ([cb] if cb is not None else [])
-    with contextlib.redirect_stdout(io.StringIO()), learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        learn.fit(1 if per_step else cfg['epochs'], 1e-3, cbs=cbs)
+    learn = Learner(dls, build_model(cfg['arch'], 10).to(device), loss_func=CrossEntropyLossFlat(), opt_func=Adam)
+    timer, cb = _Clock(device, per_step, clock), make_callback(variant, cfg.get('frequency'))
+    if cb is not None: _time_events(cb, timer.in_callback)
+    return learn, timer, cb
+
+
+def _fit(learn, timer, cb, cfg: dict, extra=()) -> None:
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1 if cfg['mode'] == 'step' else cfg['epochs'], 1e-3,
+                  cbs=[timer, *([cb] if cb is not None else []), *extra])
+
+
+def _result(learn, timer, cb, cfg: dict) -> dict:
+    "Per-unit times (wall, CPU, inside the callback), final sparsity and the bytes the sparsifier holds."
     times = {}
-    for i, clk in enumerate(['', 'cpu_', 'callback_']):  # wall clock, CPU time, wall time inside the callback
-        if per_step:
-            m, n = clock.marks, cfg['steps']
+    for i, clk in enumerate(['', 'cpu_', 'callback_']):
+        if cfg['mode'] == 'step':
+            m, n = timer.marks, cfg['steps']
             times[clk + 'all'] = (m['end'][i] - m['start'][i]) / n
             times[clk + 'after_first'] = (m['end'][i] - m['first'][i]) / (n - 1)
         else:
-            e = [t[i] for t in clock.epochs]
+            e = [t[i] for t in timer.epochs]
             times[clk + 'all'], times[clk + 'after_first'] = statistics.fmean(e), statistics.fmean(e[1:])
     sp = getattr(cb, 'sparsifier', None)
     mem = sp.memory_bytes() if hasattr(sp, 'memory_bytes') else None
-    return {'times': times, 'sparsity': _measured_sparsity(model), 'memory_bytes': mem}
+    return {'times': times, 'sparsity': _measured_sparsity(learn.model), 'memory_bytes': mem}
+
+
+def _one_run(variant: str, cfg: dict, device: torch.device) -> dict:
+    "One fit of `variant` on its own."
+    run = _prepare(variant, cfg, device)
+    _fit(*run, cfg)
+    return _result(*run, cfg)
+
+
+def _runs_taking_turns(variants: list[str], cfg: dict, device: torch.device) -> list[dict]:
+    "One fit of each variant, all at once in threads that take turns batch by batch."
+    turns = _Turns(len(variants), device)
+    runs = [_prepare(v, cfg, device, partial(turns.now, i)) for i, v in enumerate(variants)]
+    errors = []
+    def go(i):
+        turns.take(i)
+        try: _fit(*runs[i], cfg, extra=[_PassTurn(turns, i)])
+        except BaseException as e: errors.append(e)
+        finally: turns.give(i, leave=True)
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(runs))]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    if errors: raise errors[0]
+    return [_result(*run, cfg) for run in runs]
 
 
 def run_train_bench(mode: str = 'fit', arch: str = 'resnet18', size: int = 32, bs: int = 64, device: str = 'auto',
                     steps: int = 30, epochs: int = 3, repeats: int = 3, variants: list[str] | None = None,
-                    frequency: int | None = None, warmup: bool = True, log=None) -> dict:
-    "Time `variants` against dense, interleaved: each repeat runs every variant once, in a rotated order."
+                    frequency: int | None = None, warmup: bool = True, log=None,
+                    interleave: str | None = None) -> dict:
+    """Time `variants` against dense. Each repeat fits every variant once, in a rotated order: one after the other
+    (interleave='run', the default on CUDA), or all at once taking turns batch by batch (interleave='batch', the
+    default on CPU, where other jobs on the same cores would otherwise decide the ratios)."""
     dev = pick_device(device)
+    interleave = interleave or ('run' if dev.type == 'cuda' else 'batch')
+    if interleave not in ('run', 'batch'):
+        raise ValueError(f"interleave={interleave!r} is not allowed; use 'run' or 'batch'")
     if mode not in ('fit', 'step'): raise ValueError(f"mode={mode!r} is not allowed; use 'fit' or 'step'")
     if mode == 'step' and steps < 2: raise ValueError(f"steps={steps} must be at least 2 in mode 'step'")
     if mode == 'fit' and epochs < 2: raise ValueError(f"epochs={epochs} must be at least 2 in mode 'fit'")
@@ -215,16 +290,22 @@ def run_train_bench(mode: str = 'fit', arch: str = 'resnet18', size: int = 32, b
     from .callback import SparsifyCallback
     used = frequency or inspect.signature(SparsifyCallback).parameters['frequency'].default
     if warmup:  # the first fit in a process pays for allocations and kernel selection: throw it away
-        _one_run('dense', {**cfg, 'epochs': 2, 'steps': min(steps, 5)} if mode == 'fit' else cfg, dev)
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            _one_run('dense', {**cfg, 'epochs': 2} if mode == 'fit' else {**cfg, 'steps': min(steps, 5)}, dev)
     runs = {v: [] for v in variants}
     for r in range(repeats):
         order = variants[r % len(variants):] + variants[:r % len(variants)]
-        for v in order:
-            runs[v].append(_one_run(v, cfg, dev))
-            if log: log(f"repeat {r + 1}/{repeats} {v}: {runs[v][-1]['times']['all']:.4f} s")
-    return {'config': {**cfg, 'frequency_used': used, 'device': str(dev), 'device_name': device_name(dev),
-                       'repeats': repeats, 'torch': torch.__version__, 'threads': torch.get_num_threads(),
-                       'sparsity': SPARSITY},
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            if interleave == 'batch': results = _runs_taking_turns(order, cfg, dev)
+            else: results = [_one_run(v, cfg, dev) for v in order]
+        for v, res in zip(order, results):
+            runs[v].append(res)
+            if log: log(json.dumps({'repeat': r + 1, 'of': repeats, 'variant': v, **res}))
+    return {'config': {**cfg, 'interleave': interleave, 'frequency_used': used, 'device': str(dev),
+                       'device_name': device_name(dev), 'repeats': repeats, 'torch': torch.__version__,
+                       'threads': torch.get_num_threads(), 'sparsity': SPARSITY},
             'rows': _rows(runs), 'notes': notes}
 
 
@@ -264,8 +345,9 @@ def format_train(res: dict) -> str:
     what = (f"{c['steps']} steps on one synthetic batch" if c['mode'] == 'step'
             else f"fastai fit of {c['epochs']} epochs on digits")
     lines = [f"{c['arch']} at {c['size']} px, batch {c['bs']}, {what}; {c['device_name']}, torch {c['torch']}",
-             f"median of {c['repeats']} interleaved repeats; sparsity {c['sparsity']}% (weight, large_final); masks "
-             f"recomputed at most every {c['frequency_used']} steps and at each epoch's end"]
+             f"median of {c['repeats']} repeats, variants interleaved {'batch by batch' if c['interleave'] == 'batch' else 'fit by fit'}; "
+             f"sparsity {c['sparsity']}% (weight, large_final); masks recomputed at most every {c['frequency_used']} "
+             "steps and at each epoch's end"]
     head = f"{'variant':<22}{'s/' + unit:>10}{'x dense':>9}"
     if cpu: head += f"{'cpu s/' + unit:>14}{'x dense':>9}{'in callback':>13}"
     head += f"{'sparsity':>10}{'mask bytes':>13}{'copy bytes':>12}"
@@ -335,12 +417,15 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"comma-separated, from {list(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)}, "
                         "plus fasterai's when it is installed)")
     p.add_argument('--frequency', type=int, default=None, help="SparsifyCallback's frequency (default: its own)")
+    p.add_argument('--interleave', choices=['batch', 'run'], default=None,
+                   help="'batch': the variants' fits run at once, taking turns batch by batch (default on CPU); "
+                        "'run': one fit after the other (default on CUDA)")
     p.add_argument('--no-warmup', action='store_true', help='skip the discarded first dense run')
     p.add_argument('--threads', type=int, default=None,
                    help="torch CPU threads (default: torch's own); 1 avoids stalls when other jobs share the cores")
     p.add_argument('--n', type=int, default=100_000_000, help="'select': number of scores (default 100,000,000)")
     p.add_argument('--json', action='store_true', help='print JSON instead of the table')
-    p.add_argument('-v', '--verbose', action='store_true', help='log each run to stderr')
+    p.add_argument('-v', '--verbose', action='store_true', help='log each run to stderr, one JSON line per run')
     return p
 
 
@@ -361,7 +446,7 @@ def main(argv=None) -> dict:
     else: variants = DEFAULT_VARIANTS + ['fasterai agp local', 'fasterai agp global', 'fasterai steady']
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.verbose else None
     res = run_train_bench(mode, arch, size, args.bs, args.device, args.steps, args.epochs, args.repeats, variants,
-                          args.frequency, not args.no_warmup, log)
+                          args.frequency, not args.no_warmup, log, args.interleave)
     print(json.dumps(res, indent=1) if args.json else format_train(res))
     return res
 
