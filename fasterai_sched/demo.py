@@ -20,12 +20,14 @@ from .sparsifier import Sparsifier, check_sparsity
 __all__ = ['main', 'digits_folder', 'digits_dls', 'folder_dls', 'label_func', 'DEFAULTS', 'QUICK']
 
 PROG = 'fasterai-sched'
-# Chosen so that the default run fits in 10 minutes on 2 CPU cores with agp at 90% within a point of dense.
+# Chosen so that the default run fits in 10 minutes on 2 CPU cores with agp at 90% within a point of dense
+# (the README's main job section has the measurements). With `--epochs` alone, the pruning window scales: see
+# `pruning_window`.
 DEFAULTS = dict(schedules='one_shot,iterative,agp', sparsity=90., granularity='weight', context='local',
-                criteria='large_final', epochs=8, start_epoch=2, end_epoch=None, arch='resnet18', size=16, bs=64, lr=1e-2,
-                fit='one_cycle', data='digits', device='auto', out='fasterai_sched_out', seed=42, max_images=None,
-                pretrained='auto')
-QUICK = dict(epochs=3, start_epoch=1, size=16, max_images=600)  # about a minute on 2 cores
+                criteria='large_final', epochs=6, start_epoch=1, end_epoch=4, arch='resnet18', size=16, bs=32,
+                lr=1e-2, fit='one_cycle', data='digits', device='auto', out='fasterai_sched_out', seed=42,
+                max_images=None, pretrained='auto')
+QUICK = dict(epochs=3, start_epoch=1, end_epoch=2, max_images=500)  # about a minute on 2 cores
 VALID_PCT = 0.2
 MIN_IMAGES = 10
 
@@ -66,7 +68,7 @@ def _subset(n: int, max_images: int | None, seed: int) -> list[int]:
 
 
 def folder_dls(path: str | Path, files: Sequence[Path] | None = None, by_name: bool = False, size: int = 16,
-               bs: int = 64, seed: int = 42, device=None, num_workers: int | None = None) -> DataLoaders:
+               bs: int = 32, seed: int = 42, device=None, num_workers: int | None = None) -> DataLoaders:
     "fastai `ImageDataLoaders` over `files` under `path`, labelled by parent folder or, `by_name`, by the seed's `label_func`."
     path = Path(path)
     files = list(files) if files is not None else get_image_files(path)
@@ -77,7 +79,7 @@ def folder_dls(path: str | Path, files: Sequence[Path] | None = None, by_name: b
     return ImageDataLoaders.from_path_func(path, files, parent_label, **kw)
 
 
-def digits_dls(size: int = 16, bs: int = 64, seed: int = 42, device=None, max_images: int | None = None) -> DataLoaders:
+def digits_dls(size: int = 16, bs: int = 32, seed: int = 42, device=None, max_images: int | None = None) -> DataLoaders:
     "DataLoaders over scikit-learn's digits (8x8, upscaled to `size`, 3 channels); 20% held out for validation."
     return folder_dls(digits_folder(max_images=max_images, seed=seed), size=size, bs=bs, seed=seed, device=device)
 
@@ -194,13 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prune each layer to the sparsity, or rank all layers' weights together")
     p.add_argument('--criteria', default=d['criteria'], choices=sorted(CRITERIA), metavar='NAME',
                    help=f"one of {', '.join(sorted(CRITERIA))}")
-    p.add_argument('--epochs', type=_int_at_least(1), default=None, help=f"epochs per run [{d['epochs']}; --quick {QUICK['epochs']}]")
+    p.add_argument('--epochs', type=_int_at_least(1), default=None, help=f"epochs per run, the same for every run [{d['epochs']}; --quick {QUICK['epochs']}]")
     p.add_argument('--start-epoch', type=_int_at_least(0), default=None,
-                   help=f"first epoch with pruning [{d['start_epoch']}; --quick {QUICK['start_epoch']}]")
-    p.add_argument('--end-epoch', type=_int_at_least(1), default=d['end_epoch'],
-                   help="the schedule reaches --sparsity after this many epochs; the rest fine-tunes [the last epoch]")
+                   help=f"pruning starts with this epoch [{d['start_epoch']}; --quick {QUICK['start_epoch']}; "
+                   "with --epochs, a sixth of them]")
+    p.add_argument('--end-epoch', type=_int_at_least(1), default=None,
+                   help=f"the schedule reaches --sparsity when this many epochs are done, the rest fine-tunes "
+                   f"[{d['end_epoch']}; --quick {QUICK['end_epoch']}; with --epochs, a third of them before the end]")
     p.add_argument('--arch', default=d['arch'], choices=arch_names(), metavar='NAME', help="resnet18, resnet34, xresnet18, ...")
-    p.add_argument('--size', type=_int_at_least(1), default=None, help=f"image size in pixels [{d['size']}]")
+    p.add_argument('--size', type=_int_at_least(1), default=None, help=f"images are resized to SIZE x SIZE pixels (digits are 8x8) [{d['size']}]")
     p.add_argument('--bs', type=_int_at_least(1), default=d['bs'], help="batch size")
     p.add_argument('--lr', type=_positive_float, default=d['lr'], help="learning rate (the peak, with --fit one_cycle)")
     p.add_argument('--fit', default=d['fit'], choices=['one_cycle', 'fit'],
@@ -244,16 +248,26 @@ class Config:
     quick: bool
 
 
+def pruning_window(epochs: int, start: int | None = None, end: int | None = None) -> tuple[int, int]:
+    "Defaults for a fit of `epochs`: prune after the first sixth of them, reach the target with a third left to fine-tune."
+    if start is None: start = min(epochs - 1, round(epochs / 6))
+    if end is None: end = max(start + 1, epochs - round(epochs / 3))
+    return start, end
+
+
 def make_config(args: argparse.Namespace) -> Config:
     "Fill the --quick and default values, and check every option that needs no data; raises `UsageError`."
     base = {**DEFAULTS, **(QUICK if args.quick else {})}
     pick = lambda k: getattr(args, k) if getattr(args, k) is not None else base[k]
-    epochs, start_epoch, size, max_images = pick('epochs'), pick('start_epoch'), pick('size'), pick('max_images')
-    if args.start_epoch is None and start_epoch >= epochs: start_epoch = epochs * start_epoch // base['epochs']
-    if start_epoch >= epochs:
-        raise UsageError('--start-epoch', f"{start_epoch} must be below --epochs {epochs} (allowed: 0 to {epochs - 1})")
+    epochs, size, max_images = pick('epochs'), pick('size'), pick('max_images')
+    # the preset window only while the epochs and its start are the preset's; else it follows `pruning_window`
+    start_epoch = args.start_epoch if args.start_epoch is not None or args.epochs is not None else base['start_epoch']
     end_epoch = args.end_epoch
-    if end_epoch is not None and not start_epoch < end_epoch <= epochs:
+    if end_epoch is None and args.epochs is None and args.start_epoch is None: end_epoch = base['end_epoch']
+    if start_epoch is not None and start_epoch >= epochs:
+        raise UsageError('--start-epoch', f"{start_epoch} must be below --epochs {epochs} (allowed: 0 to {epochs - 1})")
+    start_epoch, end_epoch = pruning_window(epochs, start_epoch, end_epoch)
+    if not start_epoch < end_epoch <= epochs:
         raise UsageError('--end-epoch', f"{end_epoch} must be after --start-epoch {start_epoch} and at most --epochs {epochs}")
     schedules = [s.strip() for s in args.schedules.split(',') if s.strip()]
     if not schedules: raise UsageError('--schedules', "give at least one schedule")

@@ -203,3 +203,14 @@ def test_recompute_when_pruning_ends():
     def on_then_off(start, end, pos): return end if pos < 0.6 else start
     steps, lines, _ = recomputes(schedule=on_then_off)
     assert steps == [1, 27] and lines[0] == 80.0  # 27 = 0.6 * 45 steps: neither an epoch end nor a multiple of 100
+
+
+def test_a_schedules_step_is_never_delayed():
+    "iterative's jumps are recomputed at the step they happen, though neither an epoch end nor a multiple of 100."
+    from fasterai_sched import iterative
+    steps, lines, cb = recomputes(schedule=iterative, n_epoch=2)
+    targets = [cb._target(s) for s in range(0, 31)]
+    jumps = [s for s in range(1, 31) if targets[s] - targets[s - 1] >= cb.JUMP]
+    assert len(jumps) == 3 and any(s % 15 for s in jumps)  # 3 steps, some inside an epoch
+    assert steps == jumps  # and nowhere else: the epoch ends find the counts unchanged
+    assert lines == recomputes(schedule=iterative, n_epoch=2, frequency=1)[1]

@@ -107,6 +107,8 @@ BAD = [
     (['--size', '0'], '--size'),
     (['--arch', 'alexnet', '--size', '16'], '--size'),
     (['--epochs', '3', '--start-epoch', '3'], '--start-epoch'),
+    (['--start-epoch', '2', '--end-epoch', '2'], '--end-epoch'),
+    (['--end-epoch', '7'], '--end-epoch'),
     (['--lr', '0'], '--lr'),
     (['--bs', '500', '--max-images', '100'], '--bs'),
     (['--max-images', '3'], '--max-images'),
@@ -150,3 +152,15 @@ def test_folder_data_labels_by_subfolder_or_by_the_seed_rule(tmp_path):
     assert by_name.by_name and 'first letter uppercase' in by_name.labelling
     assert len(resolve_data(str(flat), 10, 0).files) == 10
     with pytest.raises(UsageError, match='--data'): resolve_data(str(flat / 'Bengal_0.jpg'), None, 0)
+
+
+@pytest.mark.parametrize('args, window', [
+    ([], (6, 1, 4)), (['--quick'], (3, 1, 2)),
+    (['--start-epoch', '5'], (6, 5, 6)),          # a later start moves the end with it, not an error
+    (['--epochs', '12'], (12, 2, 8)),             # a sixth of the epochs dense, a third to fine-tune
+    (['--epochs', '1'], (1, 0, 1)), (['--end-epoch', '5'], (6, 1, 5)),
+])
+def test_the_pruning_window_follows_the_options(args, window):
+    from fasterai_sched.demo import build_parser, make_config
+    cfg = make_config(build_parser().parse_args(args))
+    assert (cfg.epochs, cfg.start_epoch, cfg.end_epoch) == window
