@@ -27,7 +27,7 @@ python3 -c "import torch, fastai; print('torch', torch.__version__, 'cuda', torc
            'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')" || status=1
 
 step "CUDA tests"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -k "cuda" tests/test_sparsifier.py tests/test_edge_cases.py \
+timeout 150 python3 -m pytest -q -p no:cacheprovider -k "cuda or regrow or lowest or bracket or selection" tests/test_sparsifier.py tests/test_edge_cases.py tests/test_bench.py \
     tests/test_callback.py 2>&1 | tail -n 25 || status=1
 
 bench() {  # name, then the bench's arguments
