@@ -1,6 +1,6 @@
 """Sparsifier: scores -> exact-count selection (local or global) -> boolean masks -> applied to the weights."""
 from __future__ import annotations
-import math
+import functools, math
 from fractions import Fraction
 from numbers import Real
 import numpy as np
@@ -41,19 +41,28 @@ def _small_kth(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.kthvalue(k).values if x.device.type == 'cpu' else x.sort().values[k - 1]
 
 
+@functools.lru_cache(maxsize=8)
+def _sample_positions(n: int, m: int, device: torch.device) -> torch.Tensor:
+    "The m fixed random positions `_bracketed_kth` samples from n scores, drawn once per size and device."
+    return torch.randint(n, (m,), generator=torch.Generator().manual_seed(n)).to(device)
+
+
 def _bracketed_kth(scores: torch.Tensor, k: int):
     """The k-th smallest found among the few scores inside a bracket [lo, hi] estimated from a fixed random sample:
     (value, count below lo, indices and values of the scores inside), or None when the bracket misses it.
     A few host syncs, once per selection; every pass over all scores is a comparison or a count."""
     n, m = scores.numel(), _SAMPLE
-    pick = torch.randint(n, (m,), generator=torch.Generator().manual_seed(n)).to(scores.device)
-    sample = scores[pick]
+    sample = scores[_sample_positions(n, m, scores.device)]
     # the k-th smallest sits near rank k*m/n of the sample; 4 standard deviations of that rank either side
     p = k / n
     rank, spread = p * m, 4 * math.sqrt(m * p * (1 - p)) + 2
     lo_r, hi_r = math.floor(rank - spread), math.ceil(rank + spread)
-    lo = _small_kth(sample, lo_r + 1).item() if lo_r >= 0 else -math.inf
-    hi = _small_kth(sample, hi_r + 1).item() if hi_r < m else math.inf
+    if sample.device.type == 'cpu':
+        lo = sample.kthvalue(lo_r + 1).values.item() if lo_r >= 0 else -math.inf
+        hi = sample.kthvalue(hi_r + 1).values.item() if hi_r < m else math.inf
+    else:  # one sort and one read back for both ends
+        ends = sample.sort().values[torch.tensor([max(lo_r, 0), min(hi_r, m - 1)], device=sample.device)].tolist()
+        lo, hi = (ends[0] if lo_r >= 0 else -math.inf), (ends[1] if hi_r < m else math.inf)
     below = scores < lo
     n_lo = int(below.count_nonzero())
     if n_lo >= k: return None
