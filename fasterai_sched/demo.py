@@ -250,8 +250,9 @@ class Config:
 
 def pruning_window(epochs: int, start: int | None = None, end: int | None = None) -> tuple[int, int]:
     "Defaults for a fit of `epochs`: prune after the first sixth of them, reach the target with a third left to fine-tune."
-    if start is None: start = min(epochs - 1, round(epochs / 6))
-    if end is None: end = max(start + 1, epochs - round(epochs / 3))
+    share = lambda f: int(epochs * f + 0.5)  # rounded half up: 3 epochs give a start of 1, as --quick has
+    if start is None: start = min(epochs - 1, share(1 / 6), *([end - 1] if end is not None else []))
+    if end is None: end = max(start + 1, epochs - share(1 / 3))
     return start, end
 
 

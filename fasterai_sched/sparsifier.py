@@ -41,6 +41,12 @@ def _small_kth(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.kthvalue(k).values if x.device.type == 'cpu' else x.sort().values[k - 1]
 
 
+def _seed(seed: int, layer: int, draw: int | None = None) -> int:
+    "A generator seed from the user's seed, a layer's index and (for restarted channels) a draw count, for any int seed."
+    x = seed * 100_003 + layer
+    return (x if draw is None else x * 7_919 + draw) % 2 ** 63
+
+
 @functools.lru_cache(maxsize=8)
 def _sample_positions(n: int, m: int, device: torch.device) -> torch.Tensor:
     "The m fixed random positions `_bracketed_kth` samples from n scores, drawn once per size and device."
@@ -230,7 +236,7 @@ class Sparsifier:
         for i, (n, m) in enumerate(self.layers.items()):
             gen = None
             if self.criteria.seeded:  # the same draws on every process and every call: masks nest as sparsity grows
-                gen = torch.Generator(device=m.weight.device).manual_seed(self.seed * 100_003 + i)
+                gen = torch.Generator(device=m.weight.device).manual_seed(_seed(self.seed, i))
             out[n] = self.criteria(m.weight, self.reference.get(n), m.weight.grad, gen)
         finite = torch.stack([torch.stack(torch.aminmax(s)) for s in out.values()]).isfinite().all(1).tolist()
         bad = [n for n, ok in zip(out, finite) if not ok]
@@ -314,7 +320,7 @@ class Sparsifier:
         The draw is seeded (seed, layer, regrowth count), so every process of a distributed run draws the same."""
         w, m = self.layers[n].weight, self.layers[n]
         self._regrowths += 1
-        g = torch.Generator().manual_seed((self.seed * 100_003 + list(self.layers).index(n)) * 7_919 + self._regrowths)
+        g = torch.Generator().manual_seed(_seed(self.seed, list(self.layers).index(n), self._regrowths))
         bound = 1 / math.sqrt(max(1, w[0].numel()))
         fresh = torch.empty(w.shape, dtype=torch.float32).uniform_(-bound, bound, generator=g).to(w.device, w.dtype)
         where_w = where.expand_as(w)

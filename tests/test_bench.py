@@ -174,7 +174,8 @@ def recomputes(frequency=100, schedule=None, n_epoch=3, **kw):
     from fasterai_sched import SparsifyCallback, agp
     torch.manual_seed(0)
     learn = Learner(small_dls(n=400, bs=20), small_net(), loss_func=CrossEntropyLossFlat())
-    cb = SparsifyCallback(sparsity=80, schedule=schedule or agp, frequency=frequency, **kw)
+    kw = {'sparsity': 80, **kw}
+    cb = SparsifyCallback(schedule=schedule or agp, frequency=frequency, **kw)
     steps, prune = [], S.Sparsifier.prune
     def counting(self, *a, **k):
         steps.append(learn.epoch * len(learn.dls.train) + learn.iter + 1)
@@ -210,7 +211,19 @@ def test_a_schedules_step_is_never_delayed():
     from fasterai_sched import iterative
     steps, lines, cb = recomputes(schedule=iterative, n_epoch=2)
     targets = [cb._target(s) for s in range(0, 31)]
-    jumps = [s for s in range(1, 31) if targets[s] - targets[s - 1] >= cb.JUMP]
+    jumps = [s for s in range(1, 31) if targets[s] - targets[s - 1] >= cb.JUMP * 80]
     assert len(jumps) == 3 and any(s % 15 for s in jumps)  # 3 steps, some inside an epoch
     assert steps == jumps  # and nowhere else: the epoch ends find the counts unchanged
     assert lines == recomputes(schedule=iterative, n_epoch=2, frequency=1)[1]
+
+
+@pytest.mark.parametrize('kw', [dict(schedule='iterative', sparsity=20), dict(schedule='one_shot', sparsity=12,
+                                                                               start_sparsity=5, start_epoch=1)])
+def test_small_schedule_steps_are_not_delayed_either(kw):
+    "The jump rule is relative to the schedule's span: steps of 6.67 points (iterative to 20%) or 7 (5% to 12%) count."
+    import fasterai_sched as fs
+    kw = {**kw, 'schedule': getattr(fs, kw['schedule'])}
+    steps, lines, cb = recomputes(n_epoch=2, **kw)
+    targets = [cb._target(s) for s in range(0, 31)]
+    moves = [s for s in range(1, 31) if targets[s] != targets[s - 1]]
+    assert moves and all(s in steps for s in moves) and any(s % 15 for s in moves)

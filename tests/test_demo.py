@@ -159,6 +159,8 @@ def test_folder_data_labels_by_subfolder_or_by_the_seed_rule(tmp_path):
     (['--start-epoch', '5'], (6, 5, 6)),          # a later start moves the end with it, not an error
     (['--epochs', '12'], (12, 2, 8)),             # a sixth of the epochs dense, a third to fine-tune
     (['--epochs', '1'], (1, 0, 1)), (['--end-epoch', '5'], (6, 1, 5)),
+    (['--quick', '--epochs', '3'], (3, 1, 2)),    # the same window as --quick alone
+    (['--epochs', '10', '--end-epoch', '2'], (10, 1, 2)),  # an early end pulls the default start before it
 ])
 def test_the_pruning_window_follows_the_options(args, window):
     from fasterai_sched.demo import build_parser, make_config

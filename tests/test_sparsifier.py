@@ -204,6 +204,14 @@ def test_regrown_filters_start_as_new_filters_the_same_in_every_process():
     assert conv.weight.grad[back].abs().sum() > 0  # and they learn again
 
 
+def test_any_integer_seed_drives_random_scores_and_restarted_filters():
+    for seed in (2 ** 36, -5, 2 ** 70):
+        model = small_net()
+        sp = Sparsifier(model, 'filter', 'local', random, seed=seed)
+        sp.prune(50); sp.seed += 1; sp.prune(50)  # some filters come back, drawn afresh
+        assert sp.n_pruned == {n: n_to_prune(50, sp.n_units[n]) for n in CONVS}
+
+
 def test_state_dict_round_trip_into_a_fresh_sparsifier():
     model = randomize_bn_(small_net())
     sp = Sparsifier(model, 'filter', 'global', 'large_init')
