@@ -357,7 +357,8 @@ class Sparsifier:
         out_dim = 1 if type(self.layers[n]).__name__.startswith('ConvTranspose') else 0
         # decided by the granularity, not the mask's shape: a (1, 1, 1, 1) 'channel' or 'weight' mask is no filter
         if mask.dim() < 2 or set(self.granularity[n].dims) != set(range(mask.dim())) - {out_dim}: return None
-        return mask.flatten()
+        # a grouped ConvTranspose's weight holds out_channels/groups columns, column j feeding channel j of every group
+        return mask.flatten().repeat(getattr(self.layers[n], 'groups', 1) if out_dim == 1 else 1)
 
     @torch.no_grad()
     def apply(self) -> None:

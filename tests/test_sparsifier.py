@@ -212,6 +212,22 @@ def test_any_integer_seed_drives_random_scores_and_restarted_filters():
         assert sp.n_pruned == {n: n_to_prune(50, sp.n_units[n]) for n in CONVS}
 
 
+def test_grouped_conv_transpose_filters_zero_their_channel_in_every_group():
+    "Column j of a grouped ConvTranspose's weight feeds channel j of each group: its bias and BatchNorm go with it."
+    torch.manual_seed(0)
+    model = randomize_bn_(nn.Sequential(nn.ConvTranspose2d(4, 6, 3, groups=2), nn.BatchNorm2d(6)))
+    sp = Sparsifier(model, 'filter', 'local', random, layer_type=nn.ConvTranspose2d, seed=3)
+    sp.prune(34)  # one of the 3 columns
+    dead = (~sp.masks['0'].flatten()).repeat(2)
+    assert int(dead.sum()) == 2
+    model.eval()
+    out = model(torch.randn(2, 4, 5, 5))
+    assert not out[:, dead].any() and out[:, ~dead].abs().sum((0, 2, 3)).gt(0).all()
+    sp.seed = 4; sp.prune(34)  # another column: the first comes back as a new filter, BatchNorm at (1, 0)
+    back = sp.masks['0'].flatten().repeat(2) & dead
+    assert int(back.sum()) == 2 and (model[1].weight[back] == 1).all() and not model[1].bias[back].any()
+
+
 def test_state_dict_round_trip_into_a_fresh_sparsifier():
     model = randomize_bn_(small_net())
     sp = Sparsifier(model, 'filter', 'global', 'large_init')
