@@ -58,8 +58,8 @@ class SparsifyCallback(Callback):
     While the target moves, masks are recomputed at most every `frequency` training steps (default 100, as TF-MOT's
     pruning `frequency` and AGP's 100-1000-step interval) and only when the target's unit count changed; always at
     the steps where pruning starts or ends, at a step where the target moves by `JUMP` (a tenth) of the schedule's
-    span or more (the steps of `iterative`, `one_shot`), and at each epoch's last step, so the epoch lines are exact. `None` recomputes at every
-    step where the count changes. Between recomputes a step only re-applies the masks."""
+    span or more (the steps of `iterative`, `one_shot`), and at each epoch's last step, so the epoch lines are exact.
+    `None` recomputes at every step where the count changes. Between recomputes a step only re-applies the masks."""
     order = 70  # after MixedPrecision has unscaled the gradients; prints after the progress table's row
     JUMP = 0.1  # a target that moves this share of start_sparsity -> sparsity in one step: a schedule's step, never delayed
     # the weight copies a resumed fit needs, in learn.path/learn.model_dir; None writes nothing (and cannot resume them)
@@ -277,10 +277,9 @@ class SparsifyCallback(Callback):
         if self.iter == self.n_iter_fit - 1 or not any(self._current) or not any(counts): return True
         if self.frequency is None or step % self.frequency == 0: return True
         before = self._target(step - 1)
-        if isinstance(target, dict):
-            return any(abs(target[n] - before[n]) >= self.JUMP * abs(self.sparsity[n] - self.start_sparsity) > 0
-                       for n in target)
-        return abs(target - before) >= self.JUMP * abs(self.sparsity - self.start_sparsity) > 0
+        jumped = lambda now, then, end: abs(now - then) >= self.JUMP * abs(end - self.start_sparsity) > 0
+        if isinstance(target, dict): return any(jumped(target[n], before[n], self.sparsity[n]) for n in target)
+        return jumped(target, before, self.sparsity)
 
     def _update_masks(self, target, counts):
         sp = self.sparsifier

@@ -303,9 +303,9 @@ class Sparsifier:
         grew = torch.stack([r.any() for r in regrown.values()]).tolist() if regrown else []
         self.regrown = {n: r for (n, r), g in zip(regrown.items(), grew) if g}
         for n, where in self.regrown.items():
-            if self._output_mask(n, where) is None:
-                self.layers[n].weight.masked_fill_(where.expand_as(self.layers[n].weight), 0)
-            else: self._restart_channels(n, where)
+            ch = self._output_mask(n, where)
+            if ch is None: self.layers[n].weight.masked_fill_(where.expand_as(self.layers[n].weight), 0)
+            else: self._restart_channels(n, where, ch)
             if optimizer is not None:
                 for p, w in [(self.layers[n].weight, where), *self._channel_params(n, where)]:
                     reset_optimizer_state(optimizer, p, w)
@@ -313,7 +313,7 @@ class Sparsifier:
         self._build_targets()
         self.apply()
 
-    def _restart_channels(self, n: str, where: torch.Tensor) -> None:
+    def _restart_channels(self, n: str, where: torch.Tensor, ch: torch.Tensor) -> None:
         """Regrown whole output channels start as new ones: weights drawn as PyTorch initializes a fresh layer
         (uniform within 1/sqrt(fan_in)), bias 0, the following BatchNorm at (1, 0) with fresh running statistics.
         At zero they could never learn: zero weights give a constant channel, and BatchNorm and ReLU pass it no gradient.
@@ -323,14 +323,13 @@ class Sparsifier:
         g = torch.Generator().manual_seed(_seed(self.seed, list(self.layers).index(n), self._regrowths))
         bound = 1 / math.sqrt(max(1, w[0].numel()))
         fresh = torch.empty(w.shape, dtype=torch.float32).uniform_(-bound, bound, generator=g).to(w.device, w.dtype)
-        where_w = where.expand_as(w)
-        w.copy_(torch.where(where_w, fresh, w))
-        ch = self._output_mask(n, where).to(w.device)
-        if isinstance(getattr(m, 'bias', None), torch.Tensor): m.bias.masked_fill_(ch, 0)
+        w.copy_(torch.where(where.expand_as(w), fresh, w))
         bn = self._bn.get(m)
-        if bn is not None and bn.num_features == ch.numel():
-            if bn.affine: bn.weight.masked_fill_(ch, 1); bn.bias.masked_fill_(ch, 0)
-            if bn.running_mean is not None: bn.running_mean.masked_fill_(ch, 0); bn.running_var.masked_fill_(ch, 1)
+        for p, p_ch in self._channel_params(n, where):  # the bias and BatchNorm parameters that go with the channels
+            p.masked_fill_(p_ch, 1 if bn is not None and p is bn.weight else 0)
+        if bn is not None and bn.num_features == ch.numel() and bn.running_mean is not None:
+            ch = ch.to(bn.running_mean.device)
+            bn.running_mean.masked_fill_(ch, 0); bn.running_var.masked_fill_(ch, 1)
 
     def _build_targets(self) -> None:
         "The flat lists `apply` multiplies: each weight (and for whole filters, its bias and BatchNorm) with its mask."
