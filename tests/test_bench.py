@@ -41,8 +41,13 @@ def check_rows(res, variants):
 
 
 def test_step_mode_json():
-    res, text = run_main('--mode', 'step', '--arch', 'resnet18', '--size', '16', '--bs', '4', '--steps', '3',
-                         '--repeats', '2', '--device', 'cpu', '--no-warmup', '--json', '--variants', ','.join(OURS))
+    threads = torch.get_num_threads()
+    try:
+        res, text = run_main('--mode', 'step', '--arch', 'resnet18', '--size', '16', '--bs', '4', '--steps', '3',
+                             '--repeats', '2', '--device', 'cpu', '--no-warmup', '--json', '--variants', ','.join(OURS),
+                             '--interleave', 'run', '--threads', '1')
+    finally: torch.set_num_threads(threads)
+    assert res['config']['interleave'] == 'run' and res['config']['threads'] == 1
     assert json.loads(text) == json.loads(json.dumps(res))
     check_rows(res, OURS)
     c = res['config']
@@ -84,6 +89,8 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="mode='walk'"): bench.run_train_bench('walk', device='cpu')
     with pytest.raises(ValueError, match="arch='vgg'"): bench.build_model('vgg', 10)
     with pytest.raises(ValueError, match="device='tpu'"): bench.pick_device('tpu')
+    with pytest.raises(ValueError, match="interleave='zigzag'"): bench.run_train_bench(device='cpu', interleave='zigzag')
+    with pytest.raises(SystemExit, match='--threads=0 must be at least 1'): bench.main(['--threads', '0'])
 
 
 def test_select_bench():
