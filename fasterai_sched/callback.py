@@ -10,11 +10,14 @@ from fastai.learner import SkipToEpoch
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import rank_distrib
 from fastcore.basics import store_attr
+import contextlib, random
+import numpy as np
 from .criteria import Criteria, large_final
 from .granularity import get_granularity
 from .schedules import one_shot
 from .sparsifier import Sparsifier, check_sparsity, n_to_prune, unwrap_model
 from .report import sparsity_report
+from .compact import compact as compact_model
 
 __all__ = ['SparsifyCallback']
 
@@ -52,6 +55,31 @@ def _check_options(model, lth, reset_end, save_tickets, verbose, seed, rewind_ep
                          f"(start_epoch={start_epoch}, start_sparsity={start_sparsity}): earlier masks could not be rewound")
 
 
+def _check_structure(coupled, compact, granularity, model):
+    "Raise on a bad `coupled` or `compact` flag, or one that cannot apply to the other arguments."
+    for name, value in [('coupled', coupled), ('compact', compact)]:
+        if not isinstance(value, bool): raise TypeError(f"{name}={value!r} must be True or False")
+    if coupled and getattr(granularity, 'name', granularity) != 'filter':
+        raise ValueError(f"coupled=True prunes whole output channels: it needs granularity='filter', got granularity={granularity!r}")
+    if compact and not coupled:
+        raise ValueError("compact=True needs coupled=True: only channels pruned in coupled groups can be removed")
+    if compact and model is not None:
+        raise ValueError("compact=True replaces learn.model after the fit: it needs model=None (the learner's model)")
+
+
+@contextlib.contextmanager
+def _random_states_kept(dl):
+    "Draw from `dl` without changing any random state: python's, numpy's, torch's (CUDA too) and the loader's own."
+    py, npy, dl_rng = random.getstate(), np.random.get_state(), getattr(dl, 'rng', None)
+    dl_state = dl_rng.getstate() if dl_rng is not None else None
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices): yield
+    finally:
+        random.setstate(py); np.random.set_state(npy)
+        if dl_rng is not None: dl.rng = dl_rng; dl_rng.setstate(dl_state)
+
+
 class SparsifyCallback(Callback):
     """Prune `layer_type` layers during `fit` following `schedule`, from `start_sparsity` to `sparsity` percent.
 
@@ -59,7 +87,10 @@ class SparsifyCallback(Callback):
     pruning `frequency` and AGP's 100-1000-step interval) and only when the target's unit count changed; always at
     the steps where pruning starts or ends, at a step where the target moves by `JUMP` (a tenth) of the schedule's
     span or more (the steps of `iterative`, `one_shot`), and at each epoch's last step, so the epoch lines are exact.
-    `None` recomputes at every step where the count changes. Between recomputes a step only re-applies the masks."""
+    `None` recomputes at every step where the count changes. Between recomputes a step only re-applies the masks.
+
+    `coupled=True` (granularity 'filter') prunes channels in the coupled groups traced from one batch of `learn.dls`;
+    `compact=True` then hands back `learn.model` without the pruned channels, with a new optimizer."""
     order = 70  # after MixedPrecision has unscaled the gradients; prints after the progress table's row
     JUMP = 0.1  # a target that moves this share of start_sparsity -> sparsity in one step: a schedule's step, never delayed
     # the weight copies a resumed fit needs, in learn.path/learn.model_dir; None writes nothing (and cannot resume them)
@@ -70,7 +101,8 @@ class SparsifyCallback(Callback):
                  start_epoch: int = 0, end_epoch: int | None = None, lth: bool = False, rewind_epoch: int = 0,
                  reset_end: bool = False, save_tickets: bool = False, model: nn.Module | None = None,
                  round_to: int | None = None, layer_type: type = nn.Conv2d, verbose: bool = True,
-                 frequency: int | None = 100, seed: int = 0, end_sparsity=_UNSET, sched_func=_UNSET):
+                 frequency: int | None = 100, seed: int = 0, end_sparsity=_UNSET, sched_func=_UNSET,
+                 coupled: bool = False, compact: bool = False):
         sparsity = _pick('sparsity', sparsity, 'end_sparsity', end_sparsity, _UNSET)
         if sparsity is _UNSET: raise TypeError("SparsifyCallback needs sparsity (or end_sparsity), a percent such as 90")
         schedule = _pick('schedule', schedule, 'sched_func', sched_func, one_shot)
@@ -88,8 +120,9 @@ class SparsifyCallback(Callback):
         if end_epoch is not None and end_epoch <= start_epoch:
             raise ValueError(f"end_epoch={end_epoch} must be after start_epoch={start_epoch}")
         _check_options(model, lth, reset_end, save_tickets, verbose, seed, rewind_epoch, start_epoch, start_sparsity)
+        _check_structure(coupled, compact, granularity, model)
         store_attr('sparsity,granularity,context,criteria,schedule,start_sparsity,start_epoch,end_epoch,lth,'
-                   'rewind_epoch,reset_end,save_tickets,round_to,layer_type,verbose,frequency,seed')
+                   'rewind_epoch,reset_end,save_tickets,round_to,layer_type,verbose,frequency,seed,coupled,compact')
         self.target_model, self.sparsifier, self.history, self._steps_in_epoch = model, None, [], 0
 
     # ---- helpers ----
@@ -155,7 +188,8 @@ class SparsifyCallback(Callback):
         fresh = self.sparsifier is None or self.sparsifier.model is not model or not self._resume_at
         if fresh:
             self.sparsifier = Sparsifier(model, self.granularity, self.context, self.criteria, self.layer_type,
-                                         self.round_to, self.seed)
+                                         self.round_to, self.seed, coupled=self.coupled,
+                                         example_inputs=self._example_inputs)
         else: self.sparsifier.to()
         sp = self.sparsifier
         # masks always come from the zeros of the weights as they are now (a checkpoint may have been loaded)
@@ -319,6 +353,26 @@ class SparsifyCallback(Callback):
         self.final_sparsity = sp.sparsity()
         self._print(f"Final Sparsity: {self.final_sparsity:.2f}%")
         if self.verbose and rank_distrib() == 0: sparsity_report(sp.model, self.layer_type)
+        if self.compact: self._compact()
+
+    # ---- structure ----
+    def _example_inputs(self):
+        "The inputs of one batch (its first two samples), for tracing; the random states and the data order are kept."
+        dls = self.learn.dls
+        dl = dls.valid if dls.valid is not None and len(dls.valid) else dls.train
+        with _random_states_kept(dl): b = dl.one_batch()
+        xs = tuple(x[:2].as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else x for x in b[:dls.n_inp])
+        return xs[0] if len(xs) == 1 else xs
+
+    def _compact(self):
+        "Hand the learner a model without the pruned channels (same outputs), with a new optimizer."
+        old = unwrap_model(self.learn.model)
+        n_before = sum(p.numel() for p in old.parameters())
+        small = compact_model(old, self._example_inputs())
+        self.learn.model = small
+        self.learn.create_opt()
+        self.sparsifier = None
+        self._print(f"Compacted: {n_before:,} parameters -> {sum(p.numel() for p in small.parameters()):,}")
 
     # ---- after training ----
     def plot(self, ax=None):

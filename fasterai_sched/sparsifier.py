@@ -1,6 +1,6 @@
 """Sparsifier: scores -> exact-count selection (local or global) -> boolean masks -> applied to the weights."""
 from __future__ import annotations
-import functools, math
+import functools, math, warnings
 from fractions import Fraction
 from numbers import Real
 import numpy as np
@@ -8,6 +8,7 @@ import torch, torch.nn as nn
 import torch.distributed as dist
 from .granularity import Granularity, NMGranularity, get_granularity
 from .criteria import Criteria, CRITERIA, large_final
+from .structure import trace, channel_groups, following_norms, _depthwise
 
 __all__ = ['Sparsifier', 'lowest_k', 'n_to_prune', 'check_sparsity', 'unwrap_model']
 
@@ -147,19 +148,19 @@ def _from_rank0(*dicts: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     return tuple({n: next(parts).view(t.shape).to(t.device, torch.bool) for n, t in d.items()} for d in dicts)
 
 
-def _following_batchnorm(model: nn.Module) -> dict[nn.Module, nn.Module]:
-    "Each leaf module mapped to the BatchNorm that directly follows it in definition order, if any."
-    leaves = [m for m in model.modules() if not list(m.children())]
-    return {a: b for a, b in zip(leaves, leaves[1:]) if isinstance(b, nn.modules.batchnorm._BatchNorm)}
-
-
 class Sparsifier:
-    "Prunes the `layer_type` layers of `model` to exact sparsities and keeps pruned weights at zero."
+    """Prunes the `layer_type` layers of `model` to exact sparsities and keeps pruned weights at zero.
+
+    With `coupled=True` (granularity 'filter') a unit is one channel of a coupled group traced from `example_inputs`:
+    every filter, bias, BatchNorm channel and input slice that carries it is zeroed together. Whole-filter pruning
+    finds the BatchNorm a filter feeds in the same trace; without `example_inputs` no BatchNorm is zeroed.
+    `example_inputs` is a tensor, a tuple of tensors, or a function returning them (called only when a trace is needed)."""
     def __init__(self, model: nn.Module, granularity: str | Granularity = 'weight', context: str = 'local',
                  criteria: Criteria | str = large_final, layer_type: type = nn.Conv2d, round_to: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, coupled: bool = False, example_inputs=None):
         if not isinstance(model, nn.Module): raise TypeError(f"model={model!r} must be an nn.Module")
         if isinstance(seed, bool) or not isinstance(seed, int): raise TypeError(f"seed={seed!r} must be an integer")
+        if not isinstance(coupled, bool): raise TypeError(f"coupled={coupled!r} must be True or False")
         criteria = self.check_args(context, criteria, layer_type, round_to)
         self.model, self.context, self.criteria, self.round_to, self.seed = unwrap_model(model), context, criteria, round_to, seed
         self.layers = {n: m for n, m in self.model.named_modules()
@@ -177,7 +178,9 @@ class Sparsifier:
         self.sparsity_target: float | dict = 0.
         self.regrown: dict[str, torch.Tensor] = {}
         self._regrowths = 0  # whole channels restarted so far: seeds their fresh draws
-        self._bn = _following_batchnorm(self.model)
+        self.coupled, self.groups, self._bn = coupled, {}, {}
+        if coupled: self._init_groups(granularity, layer_type, example_inputs)
+        elif self._whole_channels(): self._bn = self._norms(example_inputs)
         self._targets: tuple[list, list] = ([], [])
         self._masked_pct = 0.
         if criteria.reference: self.save_reference()
@@ -224,11 +227,12 @@ class Sparsifier:
             if self.context != 'local':
                 raise ValueError("sparsity as a dict of layer name -> percent needs context='local', "
                                  f"got context={self.context!r}")
-            unknown = [k for k in sparsity if k not in self.layers]
-            if unknown: raise ValueError(f"sparsity names layers the model has not: {unknown}; pruned layers: {list(self.layers)}")
-            return {n: check_sparsity(sparsity.get(n, 0), f"sparsity[{n!r}]") for n in self.layers}
+            unknown = [k for k in sparsity if k not in self.n_units]
+            what = 'channel groups (named by their first layer)' if self.coupled else 'layers'
+            if unknown: raise ValueError(f"sparsity names {what} the model has not: {unknown}; pruned {what}: {list(self.n_units)}")
+            return {n: check_sparsity(sparsity.get(n, 0), f"sparsity[{n!r}]") for n in self.n_units}
         s = check_sparsity(sparsity)
-        return {n: s for n in self.layers}
+        return {n: s for n in self.n_units}
 
     def scores(self) -> dict[str, torch.Tensor]:
         "One score per unit for every layer, shaped as the layer's units; raises naming a layer with NaN or Inf."
@@ -282,12 +286,15 @@ class Sparsifier:
         Under an initialized torch.distributed group this is a collective: call it on every rank; all take rank 0's masks."""
         targets = self._targets_per_layer(sparsity)
         elem = self.scores()
-        units = {n: self.granularity[n].unit_scores(e) for n, e in elem.items()}
+        if self.coupled: units = {n: g.unit_scores(elem, self._layer_names) for n, g in self.groups.items()}
+        else: units = {n: self.granularity[n].unit_scores(e) for n, e in elem.items()}
         pruned = self._select(units, targets)
         new = {}
-        for n, m in self.layers.items():
-            keep = ~pruned[n].view(units[n].shape)
-            new[n] = self.granularity[n].weight_mask(keep, elem[n]).to(m.weight.device)
+        if self.coupled: new = {n: ~p.view(-1).to(self.layers[n].weight.device) for n, p in pruned.items()}
+        else:
+            for n, m in self.layers.items():
+                keep = ~pruned[n].view(units[n].shape)
+                new[n] = self.granularity[n].weight_mask(keep, elem[n]).to(m.weight.device)
         new, pruned = _from_rank0(new, pruned)  # ranks agree even where their scores differ
         self._set_masks(new, optimizer)
         counts = torch.stack([p.count_nonzero() for p in pruned.values()]).tolist()
@@ -298,6 +305,7 @@ class Sparsifier:
 
     def _set_masks(self, new: dict[str, torch.Tensor], optimizer=None) -> None:
         "Install `new` masks; weights that come back restart at zero with fresh optimizer state."
+        if self.coupled: return self._set_group_masks(new, optimizer)
         regrown = {n: mask > self.masks[n] for n, mask in new.items() if n in self.masks}  # kept now, not before
         # one check for all layers; only layers where something regrew are kept (pruning that tightens holds none)
         grew = torch.stack([r.any() for r in regrown.values()]).tolist() if regrown else []
@@ -333,6 +341,7 @@ class Sparsifier:
 
     def _build_targets(self) -> None:
         "The flat lists `apply` multiplies: each weight (and for whole filters, its bias and BatchNorm) with its mask."
+        if self.coupled: self._targets = self._group_targets(); return
         params, masks = [], []
         for n, m in self.layers.items():
             mask = self.masks.get(n)
@@ -370,6 +379,7 @@ class Sparsifier:
     @torch.no_grad()
     def masks_from_weights(self) -> None:
         "Rebuild masks from the weights (a unit whose weights are all zero is pruned), as after loading a pruned model."
+        if self.coupled: return self._group_masks_from_weights()
         new, counts = {}, {}
         for n, m in self.layers.items():
             g, nonzero = self.granularity[n], m.weight != 0
@@ -386,7 +396,10 @@ class Sparsifier:
 
     def _update_masked_pct(self) -> None:
         "Percent of weights the masks zero, kept so that reading it costs no device sync."
-        ws = [(self.layers[n].weight, m) for n, m in self.masks.items()]
+        if self.coupled:
+            ids = {id(m.weight) for m in self.layers.values()}
+            ws = [(p, m) for p, m in zip(*self._targets) if id(p) in ids]
+        else: ws = [(self.layers[n].weight, m) for n, m in self.masks.items()]
         if not ws: self._masked_pct = 0.; return
         zeros = torch.stack([(m.numel() - m.count_nonzero()).to('cpu') * (w.numel() // m.numel()) for w, m in ws])
         pruned = zeros.sum().item()
@@ -418,8 +431,9 @@ class Sparsifier:
 
     def load_state_dict(self, state: dict) -> None:
         "Restore what `state_dict` returned, on the layers' devices, and re-apply the masks."
-        unknown = set(state['masks']) - set(self.layers)
-        if unknown: raise ValueError(f"state names layers this model has not: {sorted(unknown)}")
+        unknown = set(state['masks']) - set(self.n_units)
+        if unknown: raise ValueError(f"state names {'channel groups' if self.coupled else 'layers'} this model has not: "
+                                     f"{sorted(unknown)}")
         dev = {n: m.weight.device for n, m in self.layers.items()}
         self.masks = {n: t.to(dev[n]) for n, t in state['masks'].items()}
         self.reference = {n: t.to(dev[n]) for n, t in state.get('reference', {}).items()} or self.reference
@@ -434,6 +448,105 @@ class Sparsifier:
         "Bytes held beside the model: masks, and copies of weights (reference, rewind)."
         size = lambda d: sum(t.numel() * t.element_size() for t in d.values())
         return {'masks': size(self.masks), 'weight_copies': size(self.reference) + size(self.rewind_weights)}
+
+    # ---- structure: BatchNorms after whole filters, coupled channel groups (traced) ----
+    def _whole_channels(self) -> bool:
+        "Does some layer's granularity make units of whole output channels (so a bias and a BatchNorm go with them)?"
+        for n, m in self.layers.items():
+            out_dim = 1 if type(m).__name__.startswith('ConvTranspose') else 0
+            if m.weight.dim() >= 2 and set(self.granularity[n].dims) == set(range(m.weight.dim())) - {out_dim}: return True
+        return False
+
+    def _norms(self, example_inputs) -> dict[nn.Module, nn.Module]:
+        "The BatchNorm each layer's output channels feed, from the graph traced with `example_inputs`."
+        if example_inputs is None:
+            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+                warnings.warn(f"granularity={self.granularity_name!r} without example_inputs: the BatchNorm channels that "
+                              "pruned filters feed are not zeroed; pass example_inputs (one batch) to find them in the "
+                              "traced graph")
+            return {}
+        try: dg = trace(self.model, example_inputs)
+        except ValueError as e:
+            warnings.warn(f"{e}; the BatchNorm channels that pruned filters feed are not zeroed")
+            return {}
+        return following_norms(dg, self.layers)
+
+    def _init_groups(self, granularity, layer_type: type, example_inputs) -> None:
+        "Trace the model and make each coupled channel group (named by its first layer) a layer of units."
+        if not self._whole_channels() or not all(self.granularity[n].name == self.granularity_name for n in self.layers):
+            raise ValueError(f"coupled=True prunes whole output channels: it needs granularity='filter', "
+                             f"got granularity={self.granularity_name!r}")
+        if example_inputs is None:
+            raise ValueError("coupled=True needs example_inputs (a batch of inputs, or a tuple of them) to trace which "
+                             "tensors move together with each channel")
+        dg = trace(self.model, example_inputs)
+        missing = [n for n, m in self.layers.items() if m not in dg.module2node]
+        if missing:
+            raise ValueError(f"torch-pruning's trace of {type(self.model).__name__} did not reach layer {missing[0]!r}: "
+                             "its output is not in the autograd graph of the model's output (detached, or computed "
+                             "without gradients), so its channels cannot be coupled")
+        every = channel_groups(dg, root_types=(layer_type,), prunable_only=False)
+        groups = [g for g in every if g.why_not is None]
+        if not groups:
+            why = f": {every[0].why_not}" if every else ": every channel reaches the model's output"
+            raise ValueError(f"coupled=True: {type(self.model).__name__} has no channel group of {layer_type.__name__} "
+                             f"layers that can be pruned{why}")
+        self.groups = {g.name: g for g in groups}
+        self._layer_names = {m: n for n, m in self.layers.items()}
+        self.n_units = {n: g.n for n, g in self.groups.items()}
+        self.n_pruned = {n: 0 for n in self.groups}
+
+    def _group_targets(self) -> tuple[list, list]:
+        "Each tensor of every masked group with one mask (the groups that cut it combined), expanded to its shape."
+        pairs: dict[int, list] = {}
+        for n, g in self.groups.items():
+            keep = self.masks.get(n)
+            if keep is None: continue
+            for p, mask in g.masks(keep):
+                if id(p) in pairs: pairs[id(p)][1] = pairs[id(p)][1] & mask
+                else: pairs[id(p)] = [p, mask]
+        pairs = [(p, m) for p, m in pairs.values()]
+        return [p for p, _ in pairs], [m.expand_as(p) for p, m in pairs]
+
+    @torch.no_grad()
+    def _group_masks_from_weights(self) -> None:
+        "A group channel is pruned when its filters, biases and BatchNorm scale and shift are all zero."
+        new = {n: ~g.zero_channels().to(self.layers[n].weight.device) for n, g in self.groups.items()}
+        self.masks = {}
+        self._set_masks(new)
+        self.n_pruned = {n: int((~k).sum()) for n, k in new.items()}
+        self._update_masked_pct()
+
+    def _set_group_masks(self, new: dict[str, torch.Tensor], optimizer=None) -> None:
+        "Install group masks; regrown channels restart as new ones (see `_restart_group`)."
+        regrown = {n: keep & ~self.masks[n] for n, keep in new.items() if n in self.masks}
+        grew = torch.stack([r.any() for r in regrown.values()]).tolist() if regrown else []
+        self.regrown = {n: r for (n, r), g in zip(regrown.items(), grew) if g}
+        for n, where in self.regrown.items(): self._restart_group(n, where, optimizer)
+        self.masks = new
+        self._build_targets()
+        self.apply()
+
+    def _restart_group(self, n: str, where: torch.Tensor, optimizer=None) -> None:
+        """Regrown group channels start as new ones: filters drawn as a fresh layer's (uniform within 1/sqrt(fan_in)),
+        biases 0, BatchNorm at (1, 0) with fresh running statistics; the consumers' input slices restart from zero."""
+        self._regrowths += 1
+        gen = torch.Generator().manual_seed(_seed(self.seed, list(self.groups).index(n), self._regrowths))
+        for s in self.groups[n].slices:
+            for p, d in s.params():
+                shape = [1] * p.dim(); shape[d] = p.shape[d]
+                at = (~s.channel_mask(~where.cpu(), p.shape[d])).view(shape).to(p.device)
+                if s.kind == 'norm': p.masked_fill_(at, 1 if p is s.module.weight else 0)
+                elif p.dim() >= 2 and (s.kind == 'out' or _depthwise(s.module)):
+                    bound = 1 / math.sqrt(max(1, p.numel() // p.shape[d]))
+                    fresh = torch.empty(p.shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
+                    p.copy_(torch.where(at, fresh.to(p.device, p.dtype), p))
+                else: p.masked_fill_(at, 0)
+                if optimizer is not None: reset_optimizer_state(optimizer, p, at)
+            bn = s.module
+            if s.kind == 'norm' and bn.running_mean is not None:
+                ch = ~s.channel_mask(~where.cpu(), bn.num_features).to(bn.running_mean.device)
+                bn.running_mean.masked_fill_(ch, 0); bn.running_var.masked_fill_(ch, 1)
 
 
 def reset_optimizer_state(optimizer, param: torch.Tensor, where: torch.Tensor) -> None:
