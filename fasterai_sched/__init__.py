@@ -11,7 +11,9 @@ with _warnings.catch_warnings():
     from .sparsifier import Sparsifier
     from .report import sparsity_report
     from .callback import SparsifyCallback
+    from .compact import compact, compaction_report, save_sparse, load_sparse
 
 __all__ = ['Sparsifier', 'SparsifyCallback', 'sparsity_report', 'register_granularity', 'granularity_names',
+           'compact', 'compaction_report', 'save_sparse', 'load_sparse',
            'one_shot', 'iterative', 'agp', 'one_cycle', 'cos', 'lin', 'dsd', 'plot_schedules',
            *[n for n in _criteria_all if n != 'CRITERIA']]

@@ -46,7 +46,8 @@ def test_masks_are_boolean_on_the_weight_device(gran, shape):
 def test_filter_zeroes_bias_and_following_batchnorm():
     model = randomize_bn_(small_net())
     snap = snapshot(model)
-    sp = Sparsifier(model, 'filter', 'local', large_final)
+    # the BatchNorm a filter feeds is found in the graph traced from example inputs (issue 12)
+    sp = Sparsifier(model, 'filter', 'local', large_final, example_inputs=torch.randn(2, 3, 8, 8))
     sp.prune(50)
     assert sp.n_pruned == {'0': 16, '3': 32, '6': 32}
     for conv, bn in [('0', '1'), ('3', '4'), ('6', None)]:
@@ -66,7 +67,7 @@ def test_filter_zeroes_bias_and_following_batchnorm():
 
 def test_linear_row_zeroes_bias_and_batchnorm1d():
     model = randomize_bn_(nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)))
-    sp = Sparsifier(model, 'row', 'local', large_final, layer_type=nn.Linear)
+    sp = Sparsifier(model, 'row', 'local', large_final, layer_type=nn.Linear, example_inputs=torch.randn(2, 6))
     sp.prune(50)
     gone = (model[0].weight == 0).all(1)
     assert int(gone.sum()) == 4
@@ -88,7 +89,7 @@ def test_other_granularities_leave_bias_and_batchnorm_alone(gran):
 
 def test_apply_restores_zeros_after_weights_change():
     model = randomize_bn_(small_net())
-    sp = Sparsifier(model, 'filter', 'global', large_final)
+    sp = Sparsifier(model, 'filter', 'global', large_final, example_inputs=torch.randn(2, 3, 8, 8))
     sp.prune(40)
     zero = {k: v == 0 for k, v in snapshot(model).items() if v.is_floating_point() and k.split('.')[0] in '013456'}
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
@@ -181,7 +182,7 @@ def test_regrown_filters_start_as_new_filters_the_same_in_every_process():
         model.train(); model(torch.randn(8, 3, 8, 8))  # running statistics away from (0, 1)
         opt = torch.optim.Adam(model.parameters(), lr=0.1)
         model(torch.randn(4, 3, 8, 8)).sum().backward(); opt.step()
-        sp = Sparsifier(model, 'filter', 'local', random, seed=1)
+        sp = Sparsifier(model, 'filter', 'local', random, seed=1, example_inputs=torch.randn(2, 3, 8, 8))
         sp.prune(50, optimizer=opt)
         first = {n: m.clone() for n, m in sp.masks.items()}
         sp.seed = 2  # other draws, same target: some filters come back
@@ -216,7 +217,8 @@ def test_grouped_conv_transpose_filters_zero_their_channel_in_every_group():
     "Column j of a grouped ConvTranspose's weight feeds channel j of each group: its bias and BatchNorm go with it."
     torch.manual_seed(0)
     model = randomize_bn_(nn.Sequential(nn.ConvTranspose2d(4, 6, 3, groups=2), nn.BatchNorm2d(6)))
-    sp = Sparsifier(model, 'filter', 'local', random, layer_type=nn.ConvTranspose2d, seed=3)
+    sp = Sparsifier(model, 'filter', 'local', random, layer_type=nn.ConvTranspose2d, seed=3,
+                    example_inputs=torch.randn(2, 4, 5, 5))
     sp.prune(34)  # one of the 3 columns
     dead = (~sp.masks['0'].flatten()).repeat(2)
     assert int(dead.sum()) == 2
