@@ -2,7 +2,9 @@
 
 `python -m fasterai_sched.bench` times fastai fits (mode 'fit': resnet18 at 32 px on scikit-learn's digits) or
 training steps over one synthetic batch (mode 'step', the GPU measurement), and prints medians and the ratio to
-dense. `python -m fasterai_sched.bench select --n 100000000` times the exact-count selection over N scores."""
+dense. `python -m fasterai_sched.bench select --n 100000000` times the exact-count selection over N scores.
+`python -m fasterai_sched.bench compact` prunes coupled channels of torchvision models, compacts them and sets the
+measured CPU latency ratio (dense / compacted, batch 1 and 32) beside the MAC ratio."""
 from __future__ import annotations
 import argparse, contextlib, inspect, io, json, platform, statistics, sys, threading, time, warnings
 from functools import partial
@@ -13,7 +15,8 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.optimizer import Adam
 
-__all__ = ['run_train_bench', 'run_select_bench', 'format_train', 'format_select', 'main']
+__all__ = ['run_train_bench', 'run_select_bench', 'run_compact_bench', 'format_train', 'format_select', 'format_compact',
+           'main']
 
 SPARSITY = 90
 # name -> (library, schedule name, context); 'steady' prunes once with one_shot, then times re-masking only
@@ -396,12 +399,83 @@ def format_select(res: dict) -> str:
     return '\n'.join(lines)
 
 
+# ---- compaction: what removing pruned channels buys ----
+def _round_tos(spec: str) -> list[int | None]:
+    "'none,8,16' -> [None, 8, 16]."
+    out = []
+    for v in spec.split(','):
+        v = v.strip().lower()
+        if not v: continue
+        if v == 'none': out.append(None); continue
+        if not v.isdigit() or int(v) < 1: raise SystemExit(f"--round-to={spec!r}: each value must be 'none' or a positive integer")
+        out.append(int(v))
+    return out or [None]
+
+
+def run_compact_bench(archs=('resnet18', 'resnet50'), size: int = 224, sparsity: float = 50, round_tos=(None,),
+                      batch_sizes=(1, 32), runs: int = 10, warmup: int = 2, log=None) -> dict:
+    """For each torchvision `arch` (untrained, 1000 classes): prune `sparsity`% of each coupled channel group (local,
+    large_final; per `round_to`), compact, check the outputs, count MACs and measure CPU latency, the dense model and
+    every compacted variant taking turns run by run (median of `runs`)."""
+    import torchvision.models as tvm
+    from .compact import compact, count_macs, measure_latency, max_relative_difference, _outputs
+    from .sparsifier import Sparsifier
+    rows = []
+    for arch in archs:
+        if not hasattr(tvm, arch): raise SystemExit(f"--archs: {arch!r} is not a torchvision model")
+        torch.manual_seed(0)
+        dense = getattr(tvm, arch)().eval()
+        x = torch.randn(2, 3, size, size)
+        smalls = {}
+        for r in round_tos:
+            masked = __import__('copy').deepcopy(dense)
+            Sparsifier(masked, 'filter', 'local', 'large_final', round_to=r, coupled=True, example_inputs=x).prune(sparsity)
+            small = compact(masked, x).eval()
+            err = max_relative_difference(_outputs(masked, x), _outputs(small, x))
+            smalls[r] = (small, err)
+            del masked
+        macs_dense, macs = count_macs(dense, x[:1]), {r: count_macs(s, x[:1]) for r, (s, _) in smalls.items()}
+        lat = {}
+        for bs in batch_sizes:
+            xb = torch.randn(bs, 3, size, size)
+            models = {'dense': dense, **{f'round_to={r}': s for r, (s, _) in smalls.items()}}
+            lat[bs] = measure_latency(models, xb, runs=runs, warmup=warmup)
+            if log: log(json.dumps({'arch': arch, 'bs': bs, 'ms': {k: 1e3 * v for k, v in lat[bs].items()}}))
+        n_dense = sum(p.numel() for p in dense.parameters())
+        for r, (small, err) in smalls.items():
+            row = {'arch': arch, 'round_to': r, 'params': sum(p.numel() for p in small.parameters()), 'params_dense': n_dense,
+                   'macs': macs[r], 'macs_dense': macs_dense, 'max_rel_diff': err}
+            row['mac_ratio'] = row['macs_dense'] / row['macs']
+            for bs in batch_sizes:
+                row[f'ms_dense_bs{bs}'] = 1e3 * lat[bs]['dense']
+                row[f'ms_small_bs{bs}'] = 1e3 * lat[bs][f'round_to={r}']
+                row[f'speedup_bs{bs}'] = lat[bs]['dense'] / lat[bs][f'round_to={r}']
+            rows.append(row)
+    return {'config': {'size': size, 'sparsity': sparsity, 'batch_sizes': list(batch_sizes), 'runs': runs,
+                       'threads': torch.get_num_threads(), 'device': device_name(torch.device('cpu')),
+                       'torch': torch.__version__}, 'rows': rows}
+
+
+def format_compact(res: dict) -> str:
+    c = res['config']
+    bss = c['batch_sizes']
+    head = f"{'arch':<14}{'round_to':>9}{'params':>14}{'MACs ratio':>11}" + ''.join(
+        f"{f'dense ms bs{b}':>14}{f'small ms bs{b}':>14}{f'speedup bs{b}':>13}" for b in bss) + f"{'max rel diff':>13}"
+    lines = [f"{c['sparsity']:g}% of each coupled channel group pruned and removed; {c['size']} px; {c['device']}; median of {c['runs']} interleaved runs; torch {c['torch']}", head, '-' * len(head)]
+    for r in res['rows']:
+        lines.append(f"{r['arch']:<14}{str(r['round_to']):>9}{r['params']:>14,}{r['mac_ratio']:>10.2f}x" + ''.join(
+            f"{r[f'ms_dense_bs{b}']:>14.1f}{r[f'ms_small_bs{b}']:>14.1f}{r[f'speedup_bs{b}']:>12.2f}x" for b in bss)
+            + f"{r['max_rel_diff']:>13.1e}")
+    return '\n'.join(lines)
+
+
 # ---- command line ----
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='python -m fasterai_sched.bench', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('what', nargs='?', default='train', choices=['train', 'select'],
-                   help="'train' (default): dense vs sparsified training; 'select': the selection micro-benchmark")
+    p.add_argument('what', nargs='?', default='train', choices=['train', 'select', 'compact'],
+                   help="'train' (default): dense vs sparsified training; 'select': the selection micro-benchmark; "
+                        "'compact': dense vs compacted inference latency against the MAC ratio")
     p.add_argument('--mode', choices=['fit', 'step'], default=None,
                    help="'fit': fastai fits on digits, per-epoch times (default on CPU); 'step': synthetic batches, "
                         "per-step times (default on CUDA)")
@@ -424,6 +498,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--threads', type=int, default=None,
                    help="torch CPU threads (default: torch's own); 1 avoids stalls when other jobs share the cores")
     p.add_argument('--n', type=int, default=100_000_000, help="'select': number of scores (default 100,000,000)")
+    p.add_argument('--archs', default='resnet18,resnet50', help="'compact': torchvision models (default resnet18,resnet50)")
+    p.add_argument('--sparsity', type=float, default=50, help="'compact': percent of each coupled group's channels (default 50)")
+    p.add_argument('--round-to', default='none', help="'compact': comma-separated round_to values, 'none' for none (default none)")
+    p.add_argument('--runs', type=int, default=10, help="'compact': timed runs per model and batch size (default 10)")
     p.add_argument('--json', action='store_true', help='print JSON instead of the table')
     p.add_argument('-v', '--verbose', action='store_true', help='log each run to stderr, one JSON line per run')
     return p
@@ -437,6 +515,12 @@ def main(argv=None) -> dict:
     if args.what == 'select':
         res = run_select_bench(args.n, args.device, max(args.repeats, 1))
         print(json.dumps(res, indent=1) if args.json else format_select(res))
+        return res
+    if args.what == 'compact':
+        log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.verbose else None
+        res = run_compact_bench([a.strip() for a in args.archs.split(',') if a.strip()], args.size or 224, args.sparsity,
+                                _round_tos(args.round_to), runs=max(args.runs, 1), log=log)
+        print(json.dumps(res, indent=1) if args.json else format_compact(res))
         return res
     dev = pick_device(args.device)
     mode = args.mode or ('step' if dev.type == 'cuda' else 'fit')
