@@ -215,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"use a random subset of this many images [all; --quick {QUICK['max_images']}]")
     p.add_argument('--pretrained', default=d['pretrained'], choices=['auto', 'yes', 'no'],
                    help="ImageNet weights: auto uses them when they can be fetched, else trains from random init")
+    p.add_argument('--coupled', action='store_true', help="with --granularity filter: prune channels in coupled groups "
+                   "(residual sums, concatenations), traced from one batch")
+    p.add_argument('--compact', action='store_true', help="with --coupled: remove the pruned channels after each fit, "
+                   "then compare size, MACs and measured CPU latency with dense and plot accuracy against latency")
     p.add_argument('--device', default=d['device'], choices=['auto', 'cpu', 'cuda'], help="auto: cuda when available")
     p.add_argument('--out', default=d['out'], help="folder for the plots and results.csv")
     p.add_argument('--quick', action='store_true', help="a run of about one minute: " +
@@ -246,6 +250,8 @@ class Config:
     pretrained: str
     data_spec: str
     quick: bool
+    coupled: bool = False
+    compact: bool = False
 
 
 def pruning_window(epochs: int, start: int | None = None, end: int | None = None) -> tuple[int, int]:
@@ -280,9 +286,13 @@ def make_config(args: argparse.Namespace) -> Config:
     except (TypeError, ValueError) as e: raise UsageError('--sparsity', e) from e
     try: get_granularity(args.granularity, nn.Conv2d)
     except (TypeError, ValueError) as e: raise UsageError('--granularity', e) from e
+    coupled, compact = getattr(args, 'coupled', False), getattr(args, 'compact', False)
+    if coupled and args.granularity != 'filter':
+        raise UsageError('--coupled', f"prunes whole channels: it needs --granularity filter, not {args.granularity!r}")
+    if compact and not coupled: raise UsageError('--compact', "needs --coupled: only coupled channels can be removed")
     return Config(schedules, float(args.sparsity), args.granularity, args.context, args.criteria, epochs, start_epoch,
                   end_epoch, args.arch, size, args.bs, args.lr, args.fit, _device(args.device), _out_folder(args.out), args.seed,
-                  max_images, args.pretrained, args.data, args.quick)
+                  max_images, args.pretrained, args.data, args.quick, coupled, compact)
 
 
 def _device(name: str) -> torch.device:
@@ -361,6 +371,7 @@ class RunResult:
     accuracies: list[float]
     seconds: float
     callback: SparsifyCallback | None = None
+    model: nn.Module | None = None  # kept with --compact, to measure what it buys
 
     @property
     def accuracy(self) -> float: return self.accuracies[-1]
@@ -375,13 +386,14 @@ def fit_call(cfg: Config, cb: str = '') -> str:
 def callback_call(cfg: Config, schedule: str) -> str:
     return (f"SparsifyCallback(sparsity={cfg.sparsity:g}, granularity={cfg.granularity!r}, context={cfg.context!r}, "
             f"criteria={cfg.criteria}, schedule={schedule}, start_epoch={cfg.start_epoch}"
-            + (f", end_epoch={cfg.end_epoch})" if cfg.end_epoch else ")"))
+            + (f", end_epoch={cfg.end_epoch}" if cfg.end_epoch else "")
+            + (", coupled=True" if cfg.coupled else "") + (", compact=True" if cfg.compact else "") + ")")
 
 
 def make_callback(cfg: Config, schedule: str) -> SparsifyCallback:
     return SparsifyCallback(sparsity=cfg.sparsity, granularity=cfg.granularity, context=cfg.context,
                             criteria=CRITERIA[cfg.criteria], schedule=SCHEDULES[schedule], start_epoch=cfg.start_epoch,
-                            end_epoch=cfg.end_epoch)
+                            end_epoch=cfg.end_epoch, coupled=cfg.coupled, compact=cfg.compact)
 
 
 def train(cfg: Config, data: Data, pretrained: bool, schedule: str | None, bar: bool) -> RunResult:
@@ -403,7 +415,9 @@ def train(cfg: Config, data: Data, pretrained: bool, schedule: str | None, bar: 
     i = learn.recorder.metric_names.index('accuracy') - 1
     accs = [100 * float(v[i]) for v in learn.recorder.values]
     sparsity = sparsity_report(learn.model, verbose=False)[-1].sparsity
-    return RunResult(schedule or 'dense', sparsity, accs, seconds, cbs[0] if schedule else None)
+    if schedule is not None and cfg.compact: sparsity = cbs[0].final_sparsity  # measured before the zeros were removed
+    return RunResult(schedule or 'dense', sparsity, accs, seconds, cbs[0] if schedule else None,
+                     learn.model if cfg.compact else None)
 
 
 # ---- results ----
@@ -472,6 +486,39 @@ def plot_accuracy(results: list[RunResult], cfg: Config, path: Path) -> None:
     fig.savefig(path, dpi=80)
 
 
+def compaction_results(results: list[RunResult], cfg: Config) -> dict[str, dict]:
+    "Each compacted run against the dense model: `compaction_report`'s table, printed, on CPU at batch 1 and 32."
+    from .compact import compaction_report
+    import copy
+    dense = next(r for r in results if r.name == 'dense')
+    x = torch.randn(1, 3, cfg.size, cfg.size)
+    cpu = lambda m: copy.deepcopy(m).cpu().eval()
+    out = {}
+    for r in results:
+        if r is dense or r.model is None: continue
+        print(f"\n{r.name}: dense vs compacted (accuracy {dense.accuracy:.2f}% -> {r.accuracy:.2f}%)")
+        out[r.name] = compaction_report(cpu(dense.model), cpu(r.model), x, batch_sizes=(1, 32))
+    return out
+
+
+def plot_latency(results: list[RunResult], reports: dict[str, dict], path: Path) -> None:
+    "Final accuracy against measured CPU latency (batch 1 and 32) of dense and every compacted run."
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(9, 3.6), layout='constrained')
+    axes = fig.subplots(1, 2, sharey=True)
+    acc = {r.name: r.accuracy for r in results}
+    for ax, bs in zip(axes, (1, 32)):
+        key = f'latency bs={bs} (ms)'
+        dense_ms = float(np.median([rep[key]['dense'] for rep in reports.values()]))
+        ax.plot([dense_ms], [acc['dense']], 'ks', ms=8, label='dense')
+        for i, (name, rep) in enumerate(reports.items()):
+            ax.plot([rep[key]['small']], [acc[name]], 'o', ms=8, color=f"C{i}", label=f"{name} ({rep[key]['ratio']:.2f}x)")
+        ax.set(xlabel=f'CPU latency, batch {bs} (ms)', title=f'accuracy vs measured latency, batch {bs}')
+        ax.grid(alpha=.3); ax.legend(fontsize=8)
+    axes[0].set_ylabel('final validation accuracy (%)')
+    fig.savefig(path, dpi=80)
+
+
 # ---- the job ----
 def _heading(text: str) -> None:
     print(f"\n{'=' * 100}\n{text}\n{'=' * 100}", flush=True)
@@ -535,6 +582,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     else: plots.pop(0)
     plot_accuracy(results, cfg, plots[-1])
     write_csv(results, cfg.out / 'results.csv')
+    if cfg.compact and len(results) > 1:
+        _heading("What compaction buys: dense vs compacted models (params, MACs, file size, measured CPU latency)")
+        reports = compaction_results(results, cfg)
+        plots.append(cfg.out / 'accuracy_latency.png')
+        plot_latency(results, reports, plots[-1])
     _heading(f"Comparison: accuracy on {int(len(data.files) * VALID_PCT):,} validation images after {cfg.epochs} "
              f"epochs; vs dense in accuracy points")
     print(comparison_table(results))

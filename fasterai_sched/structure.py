@@ -143,7 +143,7 @@ class ChannelGroup:
         return dead
 
 
-def _group_of(dg: tp.DependencyGraph, tp_group, names: dict) -> ChannelGroup:
+def _group_of(dg: tp.DependencyGraph, tp_group, names: dict, root_types: tuple) -> ChannelGroup:
     "Our description of one torch-pruning group, with `why_not` set where its channels cannot be removed exactly."
     root = tp_group[0].dep.target.module
     g = ChannelGroup(names[root], len(tp_group[0].idxs))
@@ -167,8 +167,8 @@ def _group_of(dg: tp.DependencyGraph, tp_group, names: dict) -> ChannelGroup:
             g.why_not = g.why_not or f"layer {name!r} ({type(m).__name__}) holds channels that are not handled"; continue
         g.slices.append(_Slice(name, m, kind, idxs, chans))
     order = list(names.values())
-    producers = [s.name for s in g.slices if s.kind == 'out' and s.name in order]
-    if producers: g.name = min(producers, key=order.index)  # named by its first producer in definition order
+    producers = [s.name for s in g.slices if s.kind == 'out' and s.name in order and isinstance(s.module, root_types)]
+    if producers: g.name = min(producers, key=order.index)  # named by its first root-type producer in definition order
     return g
 
 
@@ -179,7 +179,8 @@ def channel_groups(dg: tp.DependencyGraph, root_types=(nn.modules.conv._ConvNd, 
     neither are groups whose channels cannot be removed exactly (their `why_not` says why)."""
     names = {m: n for n, m in dg.model.named_modules()}
     outs = output_layers(dg)
-    groups = [_group_of(dg, g, names) for g in dg.get_all_groups(ignored_layers=outs, root_module_types=tuple(root_types))]
+    root_types = tuple(root_types)
+    groups = [_group_of(dg, g, names, root_types) for g in dg.get_all_groups(ignored_layers=outs, root_module_types=root_types)]
     order = {n: i for i, n in enumerate(names.values())}
     groups.sort(key=lambda g: order.get(g.name, len(order)))
     return [g for g in groups if g.why_not is None] if prunable_only else groups

@@ -218,3 +218,62 @@ def test_compaction_report_measures_both_models(capsys):
     assert rep['MACs']['small'] == count_macs(small, x[:1]) and rep['MACs']['ratio'] > 2
     assert rep['file bytes']['ratio'] > 2 and all(r['dense'] > 0 and r['small'] > 0 for r in rep.values())
     assert count_macs(nn.Linear(10, 3), torch.randn(1, 10)) == 30
+
+
+# ---- the main job and the bench ----
+def test_main_job_with_coupled_compact_ends_with_the_table_and_the_latency_plot(tmp_path, capsys):
+    from fasterai_sched.demo import main
+    out = tmp_path / 'out'
+    code = main(['--epochs', '2', '--start-epoch', '1', '--size', '16', '--max-images', '100', '--bs', '32',
+                 '--schedules', 'one_shot', '--seed', '0', '--device', 'cpu', '--granularity', 'filter',
+                 '--sparsity', '50', '--coupled', '--compact', '--out', str(out)])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "coupled=True, compact=True" in text and "Compacted: 11,708,992 parameters -> " in text
+    for key in ('params', 'MACs', 'file bytes', 'latency bs=1 (ms)', 'latency bs=32 (ms)'): assert key in text
+    assert (out / 'accuracy_latency.png').stat().st_size > 0
+    row = next(l for l in text.splitlines() if l.startswith('one_shot '))
+    assert float(row.split()[1].rstrip('%')) > 50  # the sparsity measured before removal: in and out slices
+
+
+@pytest.mark.parametrize('args, option', [(['--coupled'], '--coupled'), (['--granularity', 'filter', '--compact'], '--compact')])
+def test_main_job_refuses_coupled_without_filter_and_compact_without_coupled(tmp_path, capsys, args, option):
+    from fasterai_sched.demo import main
+    code = main(args + ['--out', str(tmp_path / 'out')])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"fasterai-sched: error: {option}") and not (tmp_path / 'out').exists()
+
+
+def test_bench_compact_subcommand(capsys):
+    from fasterai_sched.bench import main
+    res = main(['compact', '--archs', 'resnet18', '--size', '32', '--runs', '1', '--round-to', 'none,16', '--json'])
+    rows = res['rows']
+    assert [r['round_to'] for r in rows] == [None, 16] and all(r['max_rel_diff'] <= 1e-4 for r in rows)
+    assert all(r['mac_ratio'] > 2 and r['speedup_bs1'] > 0 and r['ms_small_bs32'] > 0 for r in rows)
+    assert rows[0]['params'] < rows[0]['params_dense']
+    assert '"rows"' in capsys.readouterr().out
+
+
+# ---- coupled pruning through the callback: schedules and resume ----
+def test_coupled_callback_follows_the_schedule_in_channels_and_resumes(tmp_path):
+    from fastai.callback.tracker import SaveModelCallback
+    from issue6_helpers import fast_learner
+    from conftest import epoch_lines
+    kw = dict(sparsity=50, granularity='filter', schedule=agp, start_epoch=1, coupled=True)
+    learn = fast_learner(path=tmp_path)
+    cb = SparsifyCallback(**kw)
+    full = fit_capture(learn, 4, [cb, SaveModelCallback(every_epoch=True)])
+    sp = cb.sparsifier
+    assert sp.n_pruned == {'0': 16, '3': 32, '6': 32}  # half of each group's channels (the head keeps its inputs' count)
+    lines = epoch_lines(full)
+    assert lines[0] == 0 and lines == sorted(lines) and lines[-1] > 50  # in and out slices: more weights than channels
+    back = fast_learner(seed=1, path=tmp_path)  # another init: everything comes from the checkpoint
+    back.load('model_1')
+    at_save = {n: ~g.zero_channels() for n, g in Sparsifier(back.model, 'filter', coupled=True,
+                                                             example_inputs=torch.randn(2, 3, 8, 8)).groups.items()}
+    assert sum(int((~k).sum()) for k in at_save.values()) > 0
+    cb2 = SparsifyCallback(**kw)
+    out = fit_capture(back, 4, [cb2], start_epoch=2)
+    assert epoch_lines(out) == lines[2:]
+    assert cb2.sparsifier.n_pruned == sp.n_pruned
+    for n, kept in at_save.items(): assert not (cb2.sparsifier.masks[n] & ~kept).any(), n  # pruned at the save: still
