@@ -371,7 +371,6 @@ class SparsifyCallback(Callback):
         small = compact_model(old, self._example_inputs())
         self.learn.model = small
         self.learn.create_opt()
-        self.sparsifier = None
         self._print(f"Compacted: {n_before:,} parameters -> {sum(p.numel() for p in small.parameters()):,}")
 
     # ---- after training ----

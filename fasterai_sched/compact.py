@@ -161,16 +161,17 @@ def measure_latency(models: dict[str, nn.Module], example_inputs, runs: int = 10
 
 def compaction_report(dense: nn.Module, small: nn.Module, example_inputs, batch_sizes=(1, 32), runs: int = 10,
                       verbose: bool = True) -> dict:
-    """Params, MACs (torch's `FlopCounterMode`), file size and measured CPU latency at each batch size, for the dense
-    and the compacted model, and their ratios (dense / small); printed as a table unless `verbose=False`."""
-    dense, small = unwrap_model(dense), unwrap_model(small)
-    x = _as_args(example_inputs)[0]
-    dev = next(small.parameters()).device
+    """Params, MACs (torch's `FlopCounterMode`), file size and measured CPU latency at each batch size (models on
+    another device are measured from a CPU copy), for the dense and the compacted model, and their ratios
+    (dense / small); printed as a table unless `verbose=False`. Only the first input of `example_inputs` is used."""
+    on_cpu = lambda m: m if all(p.device.type == 'cpu' for p in m.parameters()) else copy.deepcopy(m).cpu()
+    dense, small = on_cpu(unwrap_model(dense)), on_cpu(unwrap_model(small))
+    x = _as_args(example_inputs)[0].detach().cpu()
     rows = {'params': [sum(p.numel() for p in m.parameters()) for m in (dense, small)],
-            'MACs': [count_macs(m, x[:1].to(dev)) for m in (dense, small)],
+            'MACs': [count_macs(m, x[:1]) for m in (dense, small)],
             'file bytes': [model_bytes(m) for m in (dense, small)]}
     for bs in batch_sizes:
-        xb = x[:1].to(dev).expand(bs, *x.shape[1:]).contiguous()
+        xb = x[:1].expand(bs, *x.shape[1:]).contiguous()
         t = measure_latency({'dense': dense, 'small': small}, xb, runs=runs)
         rows[f'latency bs={bs} (ms)'] = [t['dense'] * 1e3, t['small'] * 1e3]
     report = {k: {'dense': a, 'small': b, 'ratio': a / b if b else float('inf')} for k, (a, b) in rows.items()}

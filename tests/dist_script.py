@@ -15,7 +15,9 @@ torch.set_num_threads(1)
 # scores that differ on every rank: only the broadcast from rank 0 can make the masks agree
 unseeded = Criteria(lambda w: torch.rand_like(w), name='unseeded')
 CASES = {'random': dict(sparsity=70, criteria=random, schedule=agp, context='global'),
-         'unseeded': dict(sparsity=50, criteria=unseeded, schedule=iterative, granularity='filter')}
+         'unseeded': dict(sparsity=50, criteria=unseeded, schedule=iterative, granularity='filter'),
+         # issue 12: channels of coupled groups, traced from one batch on each rank; the masks broadcast from rank 0
+         'coupled': dict(sparsity=50, criteria=unseeded, schedule=iterative, granularity='filter', coupled=True)}
 
 
 def gather(t: torch.Tensor) -> list[torch.Tensor]:

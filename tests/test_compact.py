@@ -7,7 +7,7 @@ from fastai.vision.all import vision_learner, load_learner, accuracy
 from fasterai_sched import (Sparsifier, SparsifyCallback, compact, compaction_report, save_sparse, load_sparse,
                             large_final, agp, one_shot)
 from fasterai_sched.compact import count_macs, max_relative_difference, pruned_channels, _outputs
-from conftest import small_learner, small_net, fit_capture
+from conftest import small_learner, small_net, fit_capture, cuda
 
 torch.set_num_threads(1)
 
@@ -277,3 +277,15 @@ def test_coupled_callback_follows_the_schedule_in_channels_and_resumes(tmp_path)
     assert epoch_lines(out) == lines[2:]
     assert cb2.sparsifier.n_pruned == sp.n_pruned
     for n, kept in at_save.items(): assert not (cb2.sparsifier.masks[n] & ~kept).any(), n  # pruned at the save: still
+
+
+@cuda
+def test_coupled_pruning_and_compaction_on_cuda():
+    model = randomize_stats_(tvm.resnet18(num_classes=3)).cuda().eval()
+    x = torch.randn(2, 3, 32, 32, device='cuda')
+    sp = Sparsifier(model, 'filter', 'global', large_final, coupled=True, example_inputs=x)
+    sp.prune(50)
+    assert all(m.device.type == 'cuda' for m in sp.masks.values()) and sum(sp.n_pruned.values()) == 1440
+    small = compact(model, x)
+    assert next(small.parameters()).is_cuda and n_params(small) < n_params(model)
+    assert max_relative_difference(_outputs(model, x), _outputs(small, x)) <= 1e-4

@@ -42,8 +42,9 @@ def test_masks_agree_even_where_the_ranks_scores_differ(dist_run):
     "An unseeded criterion scores differently on each rank; the broadcast from rank 0 makes the masks agree."
     results, _ = dist_run
     for res in results.values():
-        assert res['unseeded']['scores_differ'] == res['unseeded']['changes']
-        assert res['unseeded']['masks_differ'] == 0
+        for case in ('unseeded', 'coupled'):
+            assert res[case]['scores_differ'] == res[case]['changes']
+            assert res[case]['masks_differ'] == 0
 
 
 def test_final_sparsity_is_the_target(dist_run):
@@ -57,6 +58,6 @@ def test_only_rank_0_prints(dist_run):
     _, logs = dist_run
     assert sorted(logs) == [0, 1]
     lines = [float(v) for _, v in EPOCH_RE.findall(logs[0])]
-    assert len(lines) == 8 and lines[3] == 70.0 and "Final Sparsity: 70.00%" in logs[0]  # 4 epochs a case
+    assert len(lines) == 12 and lines[3] == 70.0 and "Final Sparsity: 70.00%" in logs[0]  # 4 epochs a case, 3 cases
     assert not any(s in logs[1] for s in SPARSITY_LINE), logs[1]
     assert logs[1].strip()  # rank 1 did write (fastai's metric rows): its stdout was captured
