@@ -412,6 +412,14 @@ def _round_tos(spec: str) -> list[int | None]:
     return out or [None]
 
 
+def _batch_sizes(spec: str) -> list[int]:
+    "'1,32' -> [1, 32]."
+    try: out = [int(v) for v in spec.split(',') if v.strip()]
+    except ValueError: out = []
+    if not out or min(out) < 1: raise SystemExit(f"--batch-sizes={spec!r} must be positive integers, such as 1,32")
+    return out
+
+
 def run_compact_bench(archs=('resnet18', 'resnet50'), size: int = 224, sparsity: float = 50, round_tos=(None,),
                       batch_sizes=(1, 32), runs: int = 10, warmup: int = 2, log=None) -> dict:
     """For each torchvision `arch` (untrained, 1000 classes): prune `sparsity`% of each coupled channel group (local,
@@ -501,6 +509,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--archs', default='resnet18,resnet50', help="'compact': torchvision models (default resnet18,resnet50)")
     p.add_argument('--sparsity', type=float, default=50, help="'compact': percent of each coupled group's channels (default 50)")
     p.add_argument('--round-to', default='none', help="'compact': comma-separated round_to values, 'none' for none (default none)")
+    p.add_argument('--batch-sizes', default='1,32', help="'compact': comma-separated batch sizes (default 1,32)")
     p.add_argument('--runs', type=int, default=10, help="'compact': timed runs per model and batch size (default 10)")
     p.add_argument('--json', action='store_true', help='print JSON instead of the table')
     p.add_argument('-v', '--verbose', action='store_true', help='log each run to stderr, one JSON line per run')
@@ -519,7 +528,7 @@ def main(argv=None) -> dict:
     if args.what == 'compact':
         log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.verbose else None
         res = run_compact_bench([a.strip() for a in args.archs.split(',') if a.strip()], args.size or 224, args.sparsity,
-                                _round_tos(args.round_to), runs=max(args.runs, 1), log=log)
+                                _round_tos(args.round_to), _batch_sizes(args.batch_sizes), runs=max(args.runs, 1), log=log)
         print(json.dumps(res, indent=1) if args.json else format_compact(res))
         return res
     dev = pick_device(args.device)
