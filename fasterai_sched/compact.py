@@ -49,6 +49,12 @@ def compact(model: nn.Module, example_inputs, rtol: float = 1e-4) -> nn.Module:
     if not isinstance(src, nn.Module): raise TypeError(f"model={model!r} must be an nn.Module")
     small = copy.deepcopy(src)
     dg = trace(small, example_inputs)
+    untraced = [n for n, m in small.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+                and m not in dg.module2node]
+    if untraced:
+        raise ValueError(f"compact: layer {untraced[0]!r} is not in torch-pruning's trace of {type(src).__name__} (it does "
+                         "not run in an eval forward pass, or its input is detached): removing the channels that feed it "
+                         "would break it")
     plan = []
     for g in channel_groups(dg):
         dead = g.zero_channels()

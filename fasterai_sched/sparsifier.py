@@ -8,7 +8,7 @@ import torch, torch.nn as nn
 import torch.distributed as dist
 from .granularity import Granularity, NMGranularity, get_granularity
 from .criteria import Criteria, CRITERIA, large_final
-from .structure import trace, channel_groups, following_norms, _depthwise
+from .structure import trace, channel_groups, following_norms, modules_run, _depthwise
 
 __all__ = ['Sparsifier', 'lowest_k', 'n_to_prune', 'check_sparsity', 'unwrap_model']
 
@@ -479,9 +479,16 @@ class Sparsifier:
         if example_inputs is None:
             raise ValueError("coupled=True needs example_inputs (a batch of inputs, or a tuple of them) to trace which "
                              "tensors move together with each channel")
+        if callable(example_inputs) and not isinstance(example_inputs, torch.Tensor): example_inputs = example_inputs()
         dg = trace(self.model, example_inputs)
-        missing = [n for n, m in self.layers.items() if m not in dg.module2node]
+        missing = {n: m for n, m in self.layers.items() if m not in dg.module2node}
+        idle = [n for n, m in missing.items() if m not in modules_run(self.model, example_inputs, missing.values())]
+        if idle:  # an auxiliary head that runs only in training: its inputs would be cut without it knowing
+            raise ValueError(f"layer {idle[0]!r} does not run in an eval forward pass of {type(self.model).__name__}, so "
+                             "the trace cannot couple its channels with the layers that feed it (an auxiliary head? "
+                             "build the model without it, e.g. aux_logits=False), or prune without coupled=True")
         if missing:
+            missing = list(missing)
             raise ValueError(f"torch-pruning's trace of {type(self.model).__name__} did not reach layer {missing[0]!r}: "
                              "its output is not in the autograd graph of the model's output (detached, or computed "
                              "without gradients), so its channels cannot be coupled")

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import torch, torch.nn as nn
 import torch_pruning as tp
 
-__all__ = ['trace', 'ChannelGroup', 'channel_groups', 'following_norms', 'output_layers']
+__all__ = ['trace', 'ChannelGroup', 'channel_groups', 'following_norms', 'output_layers', 'modules_run']
 
 _WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
 _BN = nn.modules.batchnorm._BatchNorm
@@ -35,6 +35,20 @@ def trace(model: nn.Module, example_inputs) -> tp.DependencyGraph:
                          f"{type(e).__name__}: {e}") from e
     finally:
         for m, t in flags.items(): m.training = t
+
+
+@torch.no_grad()
+def modules_run(model: nn.Module, example_inputs, modules) -> set:
+    "Which of `modules` run in an eval forward pass of `model` on `example_inputs` (train/eval flags restored)."
+    ran, flags = set(), {m: m.training for m in model.modules()}
+    hooks = [m.register_forward_hook(lambda mod, i, o: ran.add(mod)) for m in modules]
+    try:
+        model.eval()
+        model(*_as_args(example_inputs))
+    finally:
+        for h in hooks: h.remove()
+        for m, t in flags.items(): m.training = t
+    return ran
 
 
 def output_layers(dg: tp.DependencyGraph) -> list[nn.Module]:

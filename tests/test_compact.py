@@ -88,6 +88,13 @@ def test_compact_needs_example_inputs_and_a_traceable_model():
     with pytest.raises(ValueError, match="torch-pruning could not trace Sequential"): compact(model, torch.randn(2, 4, 8, 8))
 
 
+def test_compact_refuses_a_model_with_a_layer_outside_the_trace():
+    model = tvm.googlenet(num_classes=3, aux_logits=True, init_weights=True)  # aux heads run only in training
+    with torch.no_grad(): model.conv1.conv.weight[:8] = 0; model.conv1.bn.weight[:8] = 0; model.conv1.bn.bias[:8] = 0
+    with pytest.raises(ValueError, match="compact: layer 'aux1.conv.conv' is not in torch-pruning's trace of GoogLeNet"):
+        compact(model, torch.randn(2, 3, 64, 64))
+
+
 def test_compact_refuses_a_removal_that_would_change_the_outputs():
     "A filter zeroed without its BatchNorm: the channel is BatchNorm's shift, not zero, so removing it is refused."
     model = randomize_stats_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid(), nn.Conv2d(4, 2, 1), nn.Flatten()))

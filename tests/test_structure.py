@@ -279,3 +279,12 @@ def test_a_layernorm_across_channels_makes_its_group_unprunable():
     assert gs and all('normalizes across the channels' in g.why_not for g in gs)
     sp = Sparsifier(m, 'filter', layer_type=nn.Linear, coupled=True, example_inputs=torch.randn(1, 3, 32, 32))
     assert len(sp.groups) == 18  # the MLP's hidden channels, one group per block
+
+
+def test_a_layer_that_does_not_run_in_eval_is_named():
+    "GoogLeNet's auxiliary classifiers run only in training: coupling would cut their inputs unseen."
+    m = tvm.googlenet(num_classes=3, aux_logits=True, init_weights=True)
+    snap = state(m)
+    with pytest.raises(ValueError, match=r"layer 'aux1.conv.conv' does not run in an eval forward pass of GoogLeNet"):
+        Sparsifier(m, 'filter', coupled=True, example_inputs=torch.randn(2, 3, 64, 64))
+    assert all(torch.equal(v, snap[k]) for k, v in m.state_dict().items()) and m.training
