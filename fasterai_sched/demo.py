@@ -332,8 +332,9 @@ def check_model(cfg: Config, n_classes: int = 10) -> None:
         with torch.no_grad(): model(torch.zeros(2, 3, cfg.size, cfg.size))
     except Exception as e:
         raise UsageError('--size', f"{cfg.arch} cannot take {cfg.size}-pixel images ({type(e).__name__}: {e})") from e
-    try: Sparsifier(model, cfg.granularity, cfg.context, CRITERIA[cfg.criteria])
-    except (TypeError, ValueError) as e: raise UsageError('--granularity', f"{e}") from e
+    try: Sparsifier(model, cfg.granularity, cfg.context, CRITERIA[cfg.criteria], coupled=cfg.coupled,
+                    example_inputs=torch.zeros(2, 3, cfg.size, cfg.size))
+    except (TypeError, ValueError) as e: raise UsageError('--coupled' if cfg.coupled else '--granularity', f"{e}") from e
 
 
 def pretrained_weights(cfg: Config) -> bool:
