@@ -1,6 +1,6 @@
 """Sparsifier: scores -> exact-count selection (local or global) -> boolean masks -> applied to the weights."""
 from __future__ import annotations
-import functools, math
+import functools, math, warnings
 from fractions import Fraction
 from numbers import Real
 import numpy as np
@@ -9,7 +9,7 @@ import torch.distributed as dist
 from .granularity import Granularity, NMGranularity, get_granularity
 from .criteria import Criteria, CRITERIA, large_final
 
-__all__ = ['Sparsifier', 'lowest_k', 'n_to_prune', 'check_sparsity', 'unwrap_model']
+__all__ = ['Sparsifier', 'lowest_k', 'n_to_prune', 'check_sparsity', 'unwrap_model', 'warn_if_fraction']
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -25,6 +25,14 @@ def check_sparsity(value, name: str = 'sparsity') -> float:
     if not 0 <= value <= 100:  # NaN fails this too
         raise ValueError(f"{name}={value!r} is outside [0, 100]; sparsity is a percentage (90 means 90%)")
     return float(value)
+
+
+def warn_if_fraction(value, name: str = 'sparsity') -> None:
+    "Warn when a sparsity is in (0, 1): here it is a percent, where fasterai 0.4.1 reads a fraction."
+    if isinstance(value, Real) and not isinstance(value, bool) and 0 < value < 1:
+        warnings.warn(f"{name}={value!r} is a percent here: it prunes {value:g}% of the weights. Did you mean "
+                      f"{value * 100:g}%? (fasterai 0.4.1 reads {value!r} as a fraction; pass {value * 100:g})",
+                      UserWarning, stacklevel=3)
 
 
 def n_to_prune(sparsity: float, n: int) -> int:
