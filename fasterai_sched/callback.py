@@ -195,6 +195,8 @@ class SparsifyCallback(Callback):
         finite = torch.stack([m.weight.isfinite().all() for m in sp.layers.values()]).tolist()
         bad = [n for n, ok in zip(sp.layers, finite) if not ok]
         if bad: raise ValueError(f"layer {bad[0]!r} has NaN or Inf weights: they cannot be ranked for pruning")
+        # a criteria's NaN or Inf scores raise now, before training changes any weight (pruning may start late in the fit)
+        if not (sp.criteria.needs_grad or getattr(sp.criteria, 'needs_data', False)): sp.scores()
         for i in range(101): self._target_probe(i / 100)
         self.n_iter_fit = len(self.learn.dls.train)
         self._current = self._counts_now()

@@ -130,8 +130,8 @@ def test_all_equal_weights_prune_exact_counts_lowest_index_first(granularity, co
     masks = []
     for _ in range(2):  # the same on every run
         learn = equal_learner()
-        cb = SparsifyCallback(sparsity=50, granularity=granularity, context=context, schedule=one_shot)
-        fit_capture(learn, 1, [cb])  # one_shot prunes at the first step, while every weight is still 0.25
+        cb = SparsifyCallback(sparsity=50, granularity=granularity, context=context, schedule=one_shot, start_epoch=0)
+        fit_capture(learn, 1, [cb])  # with start_epoch=0 one_shot prunes at the first step, while every weight is still 0.25
         masks.append({n: m.clone() for n, m in cb.sparsifier.masks.items()})
     sp = cb.sparsifier
     for n in sp.layers: assert torch.equal(masks[0][n], masks[1][n])

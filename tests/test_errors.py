@@ -51,8 +51,6 @@ ROWS = [
      "end_epoch=2 must be after start_epoch=2"),
     ('lth', "SparsifyCallback(sparsity=90, lth='yes')", TypeError, "lth='yes' must be True or False"),
     ('reset_end', "SparsifyCallback(sparsity=90, reset_end=1)", TypeError, "reset_end=1 must be True or False"),
-    ('save_tickets', "SparsifyCallback(sparsity=90, save_tickets=True)", ValueError,
-     "save_tickets=True needs lth=True: a ticket is the rewound weights"),
     ('verbose', "SparsifyCallback(sparsity=90, verbose=None)", TypeError, "verbose=None must be True or False"),
     ('rewind_epoch', "SparsifyCallback(sparsity=90, lth=True, rewind_epoch=-1)", ValueError,
      "rewind_epoch=-1 must be an integer >= 0"),
