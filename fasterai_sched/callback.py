@@ -185,8 +185,10 @@ class SparsifyCallback(Callback):
         # each fit is a new pruning run, as with a fresh callback; only a resumed fit keeps this one's weight copies
         fresh = self.sparsifier is None or self.sparsifier.model is not model or not self._resume_at
         if fresh:
+            # activation criteria (wanda) calibrate on the learner's first training batches
+            data = self.learn.dls.train if getattr(self.criteria, 'needs_data', False) else None
             self.sparsifier = Sparsifier(model, self.granularity, self.context, self.criteria, self.layer_type,
-                                         self.round_to, self.seed)
+                                         self.round_to, self.seed, nm=self.nm, data=data)
         else: self.sparsifier.to()
         sp = self.sparsifier
         # masks always come from the zeros of the weights as they are now (a checkpoint may have been loaded)

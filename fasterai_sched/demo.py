@@ -314,7 +314,7 @@ def check_model(cfg: Config, n_classes: int = 10) -> None:
         with torch.no_grad(): model(torch.zeros(2, 3, cfg.size, cfg.size))
     except Exception as e:
         raise UsageError('--size', f"{cfg.arch} cannot take {cfg.size}-pixel images ({type(e).__name__}: {e})") from e
-    try: Sparsifier(model, cfg.granularity, cfg.context, CRITERIA[cfg.criteria])
+    try: Sparsifier(model, cfg.granularity, cfg.context, CRITERIA[cfg.criteria], data=torch.zeros(2, 3, cfg.size, cfg.size))
     except (TypeError, ValueError) as e: raise UsageError('--granularity', f"{e}") from e
 
 
