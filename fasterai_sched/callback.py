@@ -85,7 +85,11 @@ class SparsifyCallback(Callback):
         sparsity = _pick('sparsity', sparsity, 'end_sparsity', end_sparsity, _UNSET)
         if sparsity is _UNSET: raise TypeError("SparsifyCallback needs sparsity (or end_sparsity), a percent such as 90")
         schedule = _pick('schedule', schedule, 'sched_func', sched_func, one_shot)
-        if isinstance(sparsity, dict):
+        if isinstance(sparsity, (list, tuple)):  # fasterai's per-layer list, in the order of the model's layers
+            if context != 'local': raise ValueError(f"sparsity as a list needs context='local', got context={context!r}")
+            sparsity = list(sparsity)
+            for i, v in enumerate(sparsity): check_sparsity(v, f"sparsity[{i}]")
+        elif isinstance(sparsity, dict):
             if context != 'local': raise ValueError(f"sparsity as a dict needs context='local', got context={context!r}")
             for k, v in sparsity.items(): check_sparsity(v, f"sparsity[{k!r}]")
         else: check_sparsity(sparsity)
@@ -104,8 +108,9 @@ class SparsifyCallback(Callback):
         own_window = start_epoch is None and end_epoch is None
         _check_options(model, lth, reset_end, save_tickets, verbose, seed, rewind_epoch,
                        None if own_window else (start_epoch or 0), start_sparsity, nm)
-        for name, value in ([(f"sparsity[{k!r}]", v) for k, v in sparsity.items()] if isinstance(sparsity, dict)
-                            else [('sparsity', sparsity)]):
+        pairs = (sparsity.items() if isinstance(sparsity, dict) else enumerate(sparsity) if isinstance(sparsity, list)
+                 else None)
+        for name, value in ([(f"sparsity[{k!r}]", v) for k, v in pairs] if pairs is not None else [('sparsity', sparsity)]):
             warn_if_fraction(value, name)
         store_attr('sparsity,granularity,context,criteria,schedule,start_sparsity,start_epoch,end_epoch,lth,'
                    'rewind_epoch,reset_end,save_tickets,round_to,layer_type,verbose,frequency,seed,nm')
@@ -191,6 +196,7 @@ class SparsifyCallback(Callback):
                                          self.round_to, self.seed, nm=self.nm, data=data)
         else: self.sparsifier.to()
         sp = self.sparsifier
+        if isinstance(self.sparsity, list): self.sparsity = sp.per_layer(self.sparsity)
         # masks always come from the zeros of the weights as they are now (a checkpoint may have been loaded)
         if not fresh or any((m.weight == 0).any() for m in sp.layers.values()): sp.masks_from_weights()
         if isinstance(self.sparsity, dict): sp._targets_per_layer(self.sparsity)  # layer names checked before training

@@ -156,6 +156,10 @@ class Granularities:
     """fasterai's granularity registry, read from and written to this library's: dims are numbered as fasterai numbers
     them, from a leading unit axis (`0` is one weight, `1` the weight's first dim)."""
     @classmethod
+    def _table(cls, layer_type: type) -> dict[str, int | tuple[int, ...]]:
+        return {name: _to_fasterai(dims) for name, dims in (_registered(layer_type) or {}).items()}
+
+    @classmethod
     def get_dim(cls, m: nn.Module, g: str) -> list[int]:
         "The dims (fasterai's numbering) one score of granularity `g` reduces over for module `m`."
         table = _registered(type(m))
@@ -189,3 +193,10 @@ class Granularities:
     def available_modules(cls) -> tuple[type, ...]:
         "The module types that have granularities, as a tuple for `isinstance`."
         return tuple(GRANULARITIES)
+
+
+# fasterai's tables by their names (copies, in fasterai's numbering), e.g. for `add_granularity(Conv1D, _granularities_Linear)`
+Granularities._granularities_Conv2d = Granularities._table(nn.Conv2d)
+Granularities._granularities_ConvT2d = Granularities._table(nn.ConvTranspose2d)
+Granularities._granularities_Linear = {k: v for k, v in Granularities._table(nn.Linear).items()
+                                       if k in ('weight', 'column', 'row', 'layer')}

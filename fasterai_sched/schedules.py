@@ -36,6 +36,7 @@ def sched_agp(start: float, end: float, pos: float) -> float:
 def sched_onecycle(start: float, end: float, pos: float, α: float = 14, β: float = 6) -> float:
     "Logistic rise `(1 + e^(β-α)) / (1 + e^(β-α·pos))` of the span, as fasterai draws it; exactly `end` at `pos=1`."
     if pos >= 1: return float(end)
+    if pos <= 0: return float(start)  # fasterai's curve starts a hair above (0.25% of the span): exactly `start` here
     return start + (end - start) * (1 + math.exp(β - α)) / (1 + math.exp(β - α * pos))
 
 
