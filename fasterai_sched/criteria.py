@@ -12,9 +12,10 @@ __all__ = ['Criteria', 'Reducer', 'Normalizer', 'EPS', 'random', 'large_final', 
            'activation_criteria', 'criterias', 'available_criterias', 'CRITERIA', 'DEFAULT_REDUCTION']
 
 EPS = torch.finfo(torch.float32).eps
-# how a unit's score is made from its weights' scores when the criteria does not say: measured on the main job
-# (docs/criteria_reduction.md); only global context with structured units depends on it
-DEFAULT_REDUCTION = 'sum'
+# how a unit's score is made from its weights' scores when the criteria does not say: the mean, as measured on the
+# main job (docs/criteria_reduction.md: summing empties the small early layers first); only global context over
+# units of different sizes depends on it
+DEFAULT_REDUCTION = 'mean'
 
 
 def _our_dims(dim) -> tuple[int, ...]:

@@ -55,10 +55,11 @@ def empty_units(layer, gran, w):
 
 
 def unit_scores(layer, gran, w):
-    "large_final per unit, in float64: sum of |w|, or for N:M the sum of the M-N smallest |w| of a group."
+    """large_final per unit, in float64: the mean of |w| (the default reduction since issue 10; the sum before), or for
+    N:M the sum of the M-N smallest |w| of a group."""
     rows = unit_rows(layer, gran, w.double().abs())
     if nm_of(gran): n, m = nm_of(gran); return rows.sort(1).values[:, :m - n].sum(1)
-    return rows.sum(1)
+    return rows.mean(1)
 
 
 def pruned_by_mask(layer, gran, mask, weight):
