@@ -122,6 +122,7 @@ class SparsifyCallback(Callback):
         if self.verbose and rank_distrib() == 0: print(*args)
 
     def _end_value(self) -> float:
+        if isinstance(self.sparsity, list): return max(self.sparsity, default=0)
         return self.sparsity if not isinstance(self.sparsity, dict) else max(self.sparsity.values(), default=0)
 
     def _target(self, step: int):
@@ -215,9 +216,14 @@ class SparsifyCallback(Callback):
     def _check_rewind_in_window(self, n_epoch: int):
         "With the schedule's own window, lth's rewind epoch must not come after the epoch where masks first change."
         if not self.lth or not self.rewind_epoch: return
+        n_iter = len(self.learn.dls.train)
+        total = n_epoch * n_iter
         p0 = schedule_window(self.schedule)[0] if self.start_sparsity == 0 else 0
-        first = max(0, math.ceil(Fraction(p0).limit_denominator(10 ** 9) * n_epoch * len(self.learn.dls.train)) - 1)
-        first_epoch = first // len(self.learn.dls.train)
+        first = max(1, math.ceil(Fraction(p0).limit_denominator(10 ** 9) * total))  # the first step inside the window
+        end = self._end_value()
+        if first < total and window_target(self.schedule, self.start_sparsity, end, Fraction(first, total)) == self.start_sparsity:
+            first += 1  # the window opens at the schedule's start value: the masks change one step later
+        first_epoch = (first - 1) // n_iter
         if self.rewind_epoch > first_epoch:
             raise ValueError(f"with lth=True, rewind_epoch={self.rewind_epoch} must be <= {first_epoch}, the epoch in "
                              f"which {getattr(self.schedule, '__name__', 'the schedule')}'s window (from {p0:g} of "

@@ -453,6 +453,8 @@ class Sparsifier:
 
     def _output_mask(self, n: str, mask: torch.Tensor) -> torch.Tensor | None:
         "For a granularity whose units are whole output channels, the per-channel mask; else None."
+        # only layers whose weight layout is known: a registered custom layer (GPT-2's Conv1D stores (in, out)) is not
+        if not isinstance(self.layers[n], (nn.Linear, nn.modules.conv._ConvNd)): return None
         out_dim = 1 if type(self.layers[n]).__name__.startswith('ConvTranspose') else 0
         # decided by the granularity, not the mask's shape: a (1, 1, 1, 1) 'channel' or 'weight' mask is no filter
         if mask.dim() < 2 or set(self.granularity[n].dims) != set(range(mask.dim())) - {out_dim}: return None
