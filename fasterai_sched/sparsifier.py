@@ -345,7 +345,7 @@ class Sparsifier:
         "fasterai's per-layer list (one percent per pruned layer, in the model's order) as a dict by layer name."
         sparsities = list(sparsities)
         if len(sparsities) != len(self.layers):
-            raise ValueError(f"sparsity lists {len(sparsities)} values, but the model has {len(self.layers)} "
+            raise ValueError(f"sparsity is a list of {len(sparsities)} percents, but the model has {len(self.layers)} "
                              f"{self.layer_type.__name__} layers to prune: {list(self.layers)}")
         return dict(zip(self.layers, sparsities))
 

@@ -44,7 +44,7 @@ def test_tutorial_a_sparsity_per_layer_as_a_list():
     # the page prints 4.77, 17.27, 32.73, 45.23, 50.0 for the pruned layers and 0 for the others
     assert [round(s[1], 2) for s in probe.seen] == pytest.approx([4.77, 17.27, 32.73, 45.23, 50.0], abs=0.01)
     assert all(s[0] == 0 and s[2] == 0 for s in probe.seen)
-    with pytest.raises(ValueError, match='sparsity lists 2 values'):
+    with pytest.raises(ValueError, match='sparsity is a list of 2 percents'):
         run(small_learner(), 1, SparsifyCallback(sparsity=[0, 50], granularity='weight', context='local',
                                                   criteria=large_final, schedule=cos))
 
