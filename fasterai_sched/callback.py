@@ -197,7 +197,7 @@ class SparsifyCallback(Callback):
                                          self.round_to, self.seed, nm=self.nm, data=data)
         else: self.sparsifier.to()
         sp = self.sparsifier
-        if isinstance(self.sparsity, list): self.sparsity = sp.per_layer(self.sparsity)
+        if isinstance(self.sparsity, list): self.sparsity = sp._per_layer(self.sparsity)
         # masks always come from the zeros of the weights as they are now (a checkpoint may have been loaded)
         if not fresh or any((m.weight == 0).any() for m in sp.layers.values()): sp.masks_from_weights()
         if isinstance(self.sparsity, dict): sp._targets_per_layer(self.sparsity)  # layer names checked before training

@@ -341,7 +341,7 @@ class Sparsifier:
         raise ValueError(f"module={type(module).__name__} is not one of the pruned {self.layer_type.__name__} layers "
                          f"of this Sparsifier")
 
-    def per_layer(self, sparsities) -> dict[str, float]:
+    def _per_layer(self, sparsities) -> dict[str, float]:
         "fasterai's per-layer list (one percent per pruned layer, in the model's order) as a dict by layer name."
         sparsities = list(sparsities)
         if len(sparsities) != len(self.layers):
@@ -351,7 +351,7 @@ class Sparsifier:
 
     def _named_targets(self, sparsity) -> float | dict:
         "A sparsity list, or a dict keyed by modules (fasterai allows both), as a dict by layer name; a number as it is."
-        if isinstance(sparsity, (list, tuple)): return self.per_layer(sparsity)
+        if isinstance(sparsity, (list, tuple)): return self._per_layer(sparsity)
         if not isinstance(sparsity, dict): return sparsity
         return {k if isinstance(k, str) else self._layer_name(k): v for k, v in sparsity.items()}
 
