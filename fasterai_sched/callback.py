@@ -133,7 +133,7 @@ class SparsifyCallback(Callback):
     def _target(self, step: int):
         "Target sparsity after `step` training steps of this fit (a number, or a dict per layer)."
         if self._own_window:  # the schedule's window, as a fraction of all the fit's steps
-            pct = Fraction(step, self.n_iter_fit * self.learn.n_epoch)
+            pct = Fraction(step, self.n_iter_fit * self._n_epoch)
             if isinstance(self.sparsity, dict):
                 return {n: self._scheduled(self.start_sparsity, s, pct, True) for n, s in self.sparsity.items()}
             return self._scheduled(self.start_sparsity, self.sparsity, pct, True)
@@ -180,7 +180,7 @@ class SparsifyCallback(Callback):
             self.active = False
             self._print("Pruned layers are frozen in this fit: pruning waits for an unfrozen one")
             return
-        n_epoch = self.learn.n_epoch
+        n_epoch = self._n_epoch = self.learn.n_epoch
         self._start_epoch = self.start_epoch or 0
         if self._start_epoch >= n_epoch:
             raise ValueError(f"start_epoch={self.start_epoch} is past the end of this fit of {n_epoch} epochs "
