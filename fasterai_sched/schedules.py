@@ -94,8 +94,10 @@ class Schedule:
         if pos <= 0: return float(start)
         return self.sched_func(start, end, pos, **kwargs)
 
-    def __reduce__(self):  # picklable (learn.export) wherever sched_func is
-        return (Schedule, (self.sched_func, self.start_pct, self.end_pct, self.start_val, self.end_val))
+    def __reduce__(self):
+        "Picklable (learn.export) wherever sched_func is; the built-in schedules unpickle as themselves."
+        if SCHEDULES.get(self.__name__) is self: return self.__name__
+        return (_rebuild, (self.sched_func, self.start_pct, self.end_pct, self.start_val, self.end_val, self.__name__))
 
     def _pos(self, pct) -> Fraction | None:
         "Position inside the window for training fraction `pct`, or None before the window opens."
@@ -126,6 +128,12 @@ class Schedule:
         ax.set(xlabel='training iterations (normalized)', ylabel='target', title=repr(self))
         ax.grid(alpha=.3)
         return ax
+
+
+def _rebuild(sched_func, start_pct, end_pct, start_val, end_val, name) -> Schedule:
+    s = Schedule(sched_func, start_pct, end_pct, start_val, end_val)
+    s.__name__ = name
+    return s
 
 
 one_shot = Schedule(sched_oneshot, start_pct=0.5)

@@ -86,3 +86,14 @@ def test_bad_schedule_arguments():
     with pytest.raises(ValueError, match='start_pct=0.6'): Schedule(sched_agp, 0.6, 0.5)
     with pytest.raises(ValueError, match='end_val=2'): Schedule(sched_agp, end_val=2)
     with pytest.raises(TypeError, match='sched_func'): Schedule(3)
+
+
+def test_schedules_pickle():
+    "learn.export pickles the callback with its schedule: the built-ins come back as themselves."
+    import pickle
+    assert pickle.loads(pickle.dumps(agp)) is agp and pickle.loads(pickle.dumps(one_shot)) is one_shot
+    mine = Schedule(sched_agp, 0.1, 0.9)
+    back = pickle.loads(pickle.dumps(mine))
+    assert (back.start_pct, back.end_pct, back.__name__) == (0.1, 0.9, 'sched_agp') and back.progress(0.5) == mine.progress(0.5)
+    five = pickle.loads(pickle.dumps(partial(iterative, n_steps=5)))
+    assert five(0, 90, 0.3) == 36 and five.func is iterative
