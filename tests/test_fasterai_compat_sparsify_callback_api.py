@@ -92,3 +92,15 @@ def test_api_optional_arguments_of_the_page(tmp_path):
     text = run(learn, 2, cb, how='fit')
     assert 'Saving Weights at epoch 0' in text and 'Resetting Weights to their epoch 0 values' in text
     assert int((head.weight == 0).all(1).sum()) == 1  # one of the 2 output rows
+
+
+def test_api_given_epochs_win_over_the_schedules_window():
+    "Only end_epoch: the window is epochs [0, end_epoch), today's meaning; neither: the schedule's own window."
+    learn = small_learner()
+    got = epoch_lines(run(learn, 4, SparsifyCallback(sparsity=60, granularity='weight', context='local',
+                                                     criteria=large_final, schedule=lin, end_epoch=2), how='fit'))
+    assert got == pytest.approx([30, 60, 60, 60], abs=0.011)
+    learn = small_learner()
+    got = epoch_lines(run(learn, 4, SparsifyCallback(sparsity=60, granularity='weight', context='local',
+                                                     criteria=large_final, schedule=one_shot), how='fit'))
+    assert got == [0, 60, 60, 60]  # half of 4 epochs done at the end of epoch 1
