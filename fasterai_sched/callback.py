@@ -133,7 +133,7 @@ class SparsifyCallback(Callback):
     def _target(self, step: int):
         "Target sparsity after `step` training steps of this fit (a number, or a dict per layer)."
         if self._own_window:  # the schedule's window, as a fraction of all the fit's steps
-            pct = Fraction(step, self.n_iter_fit * self._n_epoch)
+            pct = step / (self.n_iter_fit * self._n_epoch)
             if isinstance(self.sparsity, dict):
                 return {n: self._scheduled(self.start_sparsity, s, pct, True) for n, s in self.sparsity.items()}
             return self._scheduled(self.start_sparsity, self.sparsity, pct, True)
@@ -227,7 +227,7 @@ class SparsifyCallback(Callback):
         p0 = schedule_window(self.schedule)[0] if self.start_sparsity == 0 else 0
         first = max(1, math.ceil(Fraction(p0).limit_denominator(10 ** 9) * total))  # the first step inside the window
         end = self._end_value()
-        if first < total and window_target(self.schedule, self.start_sparsity, end, Fraction(first, total)) == self.start_sparsity:
+        if first < total and window_target(self.schedule, self.start_sparsity, end, first / total) == self.start_sparsity:
             first += 1  # the window opens at the schedule's start value: the masks change one step later
         first_epoch = (first - 1) // n_iter
         if self.rewind_epoch > first_epoch:

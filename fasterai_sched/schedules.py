@@ -99,11 +99,14 @@ class Schedule:
         if SCHEDULES.get(self.__name__) is self: return self.__name__
         return (_rebuild, (self.sched_func, self.start_pct, self.end_pct, self.start_val, self.end_val, self.__name__))
 
-    def _pos(self, pct) -> Fraction | None:
+    def _pos(self, pct) -> float | None:
         "Position inside the window for training fraction `pct`, or None before the window opens."
-        pct, p0, p1 = Fraction(pct), _frac(self.start_pct), _frac(self.end_pct)
-        if pct < p0: return None
-        return min(Fraction(1), (pct - p0) / (p1 - p0))
+        # a float k/n equals the float of a bound (0.2, 0.5) exactly when the fractions are equal: both are rounded
+        # from the same rational, so a window opens at the very step that completes its share of training
+        pct = float(pct)
+        if pct < self.start_pct: return None
+        if pct >= self.end_pct: return 1.
+        return (pct - self.start_pct) / (self.end_pct - self.start_pct)
 
     def at(self, start: float, end: float, pct: float, **kwargs) -> float:
         "Target sparsity once `pct` of training is done: `start` before the window, the shape inside, its end after."
@@ -190,7 +193,7 @@ def window_target(schedule, start: float, end: float, pct: float) -> float:
         items = _check_list(schedule)
         current = items[0]
         for s in items:
-            if Fraction(pct) >= _frac(s.start_pct): current = s
+            if float(pct) >= s.start_pct: current = s
         return current.at(start, end, pct)
     s, kw = _unwrap(schedule)
     if s is not None: return s.at(start, end, pct, **kw)
