@@ -266,9 +266,21 @@ class Sparsifier:
         raise ValueError(f"module={type(module).__name__} is not one of the pruned {self.layer_type.__name__} layers "
                          f"of this Sparsifier")
 
+    def _group_name(self, module: nn.Module) -> str:
+        "With coupled=True: the group whose channels `module` produces."
+        for n, g in self.groups.items():
+            if any(s.module is module and s.kind == 'out' for s in g.slices): return n
+        raise ValueError(f"module={type(module).__name__} produces no coupled channel group this Sparsifier prunes; "
+                         f"groups: {list(self.groups)}")
+
     def _per_layer(self, sparsities) -> dict[str, float]:
         "fasterai's per-layer list (one percent per pruned layer, in the model's order) as a dict by layer name."
         sparsities = list(sparsities)
+        if self.coupled:  # one percent per coupled group, in the order of `groups`
+            if len(sparsities) != len(self.groups):
+                raise ValueError(f"sparsity is a list of {len(sparsities)} percents, but the model has {len(self.groups)} "
+                                 f"coupled channel groups to prune: {list(self.groups)}")
+            return dict(zip(self.groups, sparsities))
         if len(sparsities) != len(self.layers):
             raise ValueError(f"sparsity is a list of {len(sparsities)} percents, but the model has {len(self.layers)} "
                              f"{self.layer_type.__name__} layers to prune: {list(self.layers)}")
@@ -278,22 +290,26 @@ class Sparsifier:
         "A sparsity list, or a dict keyed by modules (fasterai allows both), as a dict by layer name; a number as it is."
         if isinstance(sparsity, (list, tuple)): return self._per_layer(sparsity)
         if not isinstance(sparsity, dict): return sparsity
-        return {k if isinstance(k, str) else self._layer_name(k): v for k, v in sparsity.items()}
+        name = self._group_name if self.coupled else self._layer_name
+        return {k if isinstance(k, str) else name(k): v for k, v in sparsity.items()}
 
     @torch.no_grad()
     def sparsify_layer(self, module: nn.Module, sparsity: float, round_to: int | None = None) -> None:
         "Prune one layer to exactly `sparsity` percent of its units (local to it); the other layers' masks stay."
-        name = self._layer_name(module)
+        name = self._group_name(module) if self.coupled else self._layer_name(module)
         check_sparsity(sparsity); warn_if_fraction(sparsity)
         if round_to is not None: self.check_args(round_to=round_to)
-        elem = self.scores()[name]
-        units = self.criteria.unit_scores(elem, self.granularity[name])
+        if self.coupled: elem, units = None, self.groups[name].unit_scores(self.scores(), self._layer_names)
+        else:
+            elem = self.scores()[name]
+            units = self.criteria.unit_scores(elem, self.granularity[name])
         saved = self.round_to
         if round_to is not None: self.round_to = round_to
         try: k = self._round(name, n_to_prune(sparsity, units.numel()), sparsity)
         finally: self.round_to = saved
         keep = ~lowest_k(units.flatten(), k).view(units.shape)
-        mask = self.granularity[name].weight_mask(keep, elem).to(module.weight.device)
+        if self.coupled: mask = keep.to(self.layers[name].weight.device)
+        else: mask = self.granularity[name].weight_mask(keep, elem).to(module.weight.device)
         (new,) = _from_rank0({**self.masks, name: mask})
         self._set_masks(new)
         self.n_pruned[name] = k

@@ -288,3 +288,16 @@ def test_a_layer_that_does_not_run_in_eval_is_named():
     with pytest.raises(ValueError, match=r"layer 'aux1.conv.conv' does not run in an eval forward pass of GoogLeNet"):
         Sparsifier(m, 'filter', coupled=True, example_inputs=torch.randn(2, 3, 64, 64))
     assert all(torch.equal(v, snap[k]) for k, v in m.state_dict().items()) and m.training
+
+
+def test_fasterai_methods_work_on_coupled_groups():
+    m = Residual()
+    sp = Sparsifier(m, 'filter', 'local', large_final, coupled=True, example_inputs=X)
+    sp.sparsify_layer(m.b, 50)  # 'b' produces group 'a' (the residual sum): the whole group is pruned
+    assert sp.n_pruned['a'] == 4 and (m.a.weight == 0).all(dim=(1, 2, 3)).sum() == 4 and 'c' not in sp.masks
+    sp.sparsify_model([25, 50])  # one percent per group, in the order of sp.groups
+    assert sp.n_pruned == {'a': 2, 'c': 3}
+    sp.sparsify_model({m.c: 0, 'a': 50})
+    assert sp.n_pruned == {'a': 4, 'c': 0}
+    with pytest.raises(ValueError, match="module=Linear produces no coupled channel group"): sp.sparsify_layer(m.head, 50)
+    with pytest.raises(ValueError, match="2 coupled channel groups"): sp.sparsify_model([50])
