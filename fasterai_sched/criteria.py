@@ -34,30 +34,40 @@ class Criteria:
             out = self.f(w, grad.detach().float())
         elif self.reference: out = self.f(w, reference.detach().float())
         else: out = self.f(w)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"criteria {self.name} returned {type(out).__name__}; it must return a tensor of scores "
+                            f"shaped like the weight")
         return out.float()
 
 
 def _rand(w, g): return torch.rand(w.shape, generator=g, device=w.device)
 def _keep_small(x): return 1 / (1 + x)  # decreasing in x, non-negative and bounded
+# module-level functions, not lambdas, so that the named criteria pickle (learn.export, torch.save) with plain pickle
+def _small_final(w): return _keep_small(w.abs())
+def _large_init(w, w0): return w0.abs()
+def _small_init(w, w0): return _keep_small(w0.abs())
+def _large_init_large_final(w, w0): return torch.minimum(w.abs(), w0.abs())
+def _small_init_small_final(w, w0): return _keep_small(torch.maximum(w.abs(), w0.abs()))
+def _magnitude_increase(w, w0): return F.softplus(w.abs() - w0.abs())  # the order of |w| - |w0|, non-negative
+def _movement(w, w0): return (w - w0).abs()
+def _movmag(w, w0): return (w * (w - w0)).abs()
+def _taylor(w, g): return (w * g).abs()
 
 
 random = Criteria(_rand, seeded=True, name='random')
 large_final = Criteria(torch.abs, name='large_final')
-small_final = Criteria(lambda w: _keep_small(w.abs()), name='small_final')
+small_final = Criteria(_small_final, name='small_final')
 squared_final = Criteria(torch.square, name='squared_final')
-large_init = Criteria(lambda w, w0: w0.abs(), reference='init', name='large_init')
-small_init = Criteria(lambda w, w0: _keep_small(w0.abs()), reference='init', name='small_init')
-large_init_large_final = Criteria(lambda w, w0: torch.minimum(w.abs(), w0.abs()), reference='init',
-                                  name='large_init_large_final')
-small_init_small_final = Criteria(lambda w, w0: _keep_small(torch.maximum(w.abs(), w0.abs())), reference='init',
-                                  name='small_init_small_final')
-# softplus keeps the order of |w| - |w0| while making the score non-negative
-magnitude_increase = Criteria(lambda w, w0: F.softplus(w.abs() - w0.abs()), reference='init', name='magnitude_increase')
-movement = Criteria(lambda w, w0: (w - w0).abs(), reference='init', name='movement')
-updating_magnitude_increase = Criteria(magnitude_increase.f, reference='previous', name='updating_magnitude_increase')
-updating_movement = Criteria(movement.f, reference='previous', name='updating_movement')
-updating_movmag = Criteria(lambda w, w0: (w * (w - w0)).abs(), reference='previous', name='updating_movmag')
-taylor = Criteria(lambda w, g: (w * g).abs(), needs_grad=True, name='taylor')
+large_init = Criteria(_large_init, reference='init', name='large_init')
+small_init = Criteria(_small_init, reference='init', name='small_init')
+large_init_large_final = Criteria(_large_init_large_final, reference='init', name='large_init_large_final')
+small_init_small_final = Criteria(_small_init_small_final, reference='init', name='small_init_small_final')
+magnitude_increase = Criteria(_magnitude_increase, reference='init', name='magnitude_increase')
+movement = Criteria(_movement, reference='init', name='movement')
+updating_magnitude_increase = Criteria(_magnitude_increase, reference='previous', name='updating_magnitude_increase')
+updating_movement = Criteria(_movement, reference='previous', name='updating_movement')
+updating_movmag = Criteria(_movmag, reference='previous', name='updating_movmag')
+taylor = Criteria(_taylor, needs_grad=True, name='taylor')
 
 CRITERIA = {c.name: c for c in [random, large_final, small_final, squared_final, large_init, small_init,
                                 large_init_large_final, small_init_small_final, magnitude_increase, movement,
