@@ -81,7 +81,7 @@ class SparsifyCallback(Callback):
             if context != 'local': raise ValueError(f"sparsity as a dict needs context='local', got context={context!r}")
             sparsity = {k: check_sparsity(v, f"sparsity[{k!r}]") for k, v in sparsity.items()}
         else: sparsity = check_sparsity(sparsity)
-        start_sparsity = check_sparsity(start_sparsity, 'start_sparsity')
+        given_start, start_sparsity = start_sparsity, check_sparsity(start_sparsity, 'start_sparsity')
         if not callable(schedule): raise TypeError(f"schedule={schedule!r} must be a function f(start, end, pos)")
         # fail on a bad criteria, layer_type or round_to now, not once training has started
         Sparsifier.check_args(context, criteria, layer_type, round_to)
@@ -90,7 +90,7 @@ class SparsifyCallback(Callback):
         _check_int('rewind_epoch', rewind_epoch); _check_int('frequency', frequency, 1, allow_none=True)
         if end_epoch is not None and end_epoch <= start_epoch:
             raise ValueError(f"end_epoch={end_epoch} must be after start_epoch={start_epoch}")
-        _check_options(model, lth, reset_end, save_tickets, verbose, seed, rewind_epoch, start_epoch, start_sparsity)
+        _check_options(model, lth, reset_end, save_tickets, verbose, seed, rewind_epoch, start_epoch, given_start)
         store_attr('sparsity,granularity,context,criteria,schedule,start_sparsity,start_epoch,end_epoch,lth,'
                    'rewind_epoch,reset_end,save_tickets,round_to,layer_type,verbose,frequency,seed')
         self.target_model, self.sparsifier, self.history, self._steps_in_epoch = model, None, [], 0
