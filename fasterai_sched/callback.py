@@ -2,12 +2,12 @@
 from __future__ import annotations
 from numbers import Real
 from pathlib import Path
-import json, math, uuid, warnings
+import json, math, sys, uuid, warnings
 from typing import Callable
 import torch, torch.nn as nn
 from fastai.callback.core import Callback
 from fastai.callback.schedule import LRFinder
-from fastai.learner import SkipToEpoch
+from fastai.learner import Learner, SkipToEpoch
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import rank_distrib
 from fastcore.basics import store_attr
@@ -95,6 +95,7 @@ class SparsifyCallback(Callback):
                    'rewind_epoch,reset_end,save_tickets,round_to,layer_type,verbose,frequency,seed')
         self.target_model, self.sparsifier, self.history, self._steps_in_epoch = model, None, [], 0
         self.active, self._pending, self._saw_epoch, self._unmasked, self._run, self._prints = False, False, False, False, None, {}
+        self._nested = 0
 
     # ---- helpers ----
     def _print(self, *args):
@@ -135,15 +136,28 @@ class SparsifyCallback(Callback):
 
     # ---- fastai events ----
     def _in_validation(self) -> bool:
-        "fastai's `validate`, `get_preds`, `predict` and `show_results` send `before_fit`/`after_fit` holding `learn.lock`."
+        """Events of an inference pass: fastai's `validate`, `get_preds`, `predict` and `show_results` send them holding
+        `learn.lock`; `summary` and `tta` do not, and are recognised inside our fit by `_nested`."""
+        if getattr(self, '_nested', 0): return True
         lock = getattr(self.learn, 'lock', None)
         return lock is not None and lock.locked()
 
+    @staticmethod
+    def _sent_by_fit() -> bool:
+        "Whether this event was sent by `Learner.fit` itself (not by `summary` or `tta`, which also send `before_fit`)."
+        f = sys._getframe(1)
+        while f is not None and f.f_code is not Learner.__call__.__code__: f = f.f_back
+        sender = f and f.f_back
+        return bool(sender and sender.f_code is Learner._with_events.__code__ and sender.f_back
+                    and sender.f_back.f_code is Learner.fit.__code__)
+
     def before_fit(self):
-        """A fit may begin: fastai sends this event in `validate`, `get_preds`, `tta` and `lr_find` too, so the pruning run
-        starts with the fit's first training phase (`before_train`), which only a training fit has."""
+        """A fit may begin: fastai sends this event in `validate`, `get_preds`, `summary`, `tta` and `lr_find` too, so the
+        pruning run starts with the fit's first training phase (`before_train`), which only a training fit has."""
         if self._in_validation(): return  # inside our training fit too (a logger's validate): nothing of ours changes
-        self.active, self._saw_epoch, self._unmasked = False, False, False
+        if self.active and not self._sent_by_fit():  # summary or tta from a callback of our running fit
+            self._nested += 1; return
+        self.active, self._saw_epoch, self._unmasked, self._nested = False, False, False, 0
         # lr_find's mock training is no fit of ours: it neither prunes nor prints
         self._pending = not any(isinstance(cb, LRFinder) for cb in self.learn.cbs)
 
@@ -151,6 +165,7 @@ class SparsifyCallback(Callback):
         if not self._in_validation(): self._saw_epoch = True
 
     def before_train(self):
+        if self._in_validation(): return
         if self._pending:
             self._pending = False
             self._start_run()
@@ -441,6 +456,7 @@ class SparsifyCallback(Callback):
         self._fingerprint_epoch()
 
     def after_fit(self):
+        if getattr(self, '_nested', 0): self._nested -= 1; return
         if self._in_validation(): return
         if self._pending and not self._saw_epoch and getattr(self.learn, 'n_epoch', None) == 0:
             warnings.warn("SparsifyCallback: fit(0) trains no epoch, so nothing was pruned")
@@ -462,7 +478,8 @@ class SparsifyCallback(Callback):
     def __getstate__(self) -> dict:
         "An export (`learn.export`) carries the callback's arguments, none of a run's masks, weight copies or records."
         state = self.__dict__.copy()
-        state.update(sparsifier=None, history=[], active=False, _pending=False, _unmasked=False, _run=None, _prints={})
+        state.update(sparsifier=None, history=[], active=False, _pending=False, _unmasked=False, _run=None, _prints={},
+                     _nested=0)
         for k in ('_versions', '_current', '_stepped', 'n_iter_fit', '_end_epoch', '_resume_at', 'epoch_sparsity'):
             state.pop(k, None)
         return state
