@@ -252,10 +252,17 @@ class SparsifyCallback(Callback):
         if a is None or b is None or len(a) != len(b): return False
         return all(math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12) for u, v in zip(a, b) for x, y in zip(u, v))
 
+    def _ends_epoch(self, prints: dict, epoch: int, now=None) -> bool:
+        "Whether the model holds weights a run ended `epoch` with (its fingerprints `prints`)."
+        now = self._fingerprint() if now is None else now
+        return any(self._same_weights(p, now) for p in prints.get(str(epoch), []))
+
     def _fingerprint_epoch(self):
         "At an epoch's end, note the weights it ended with, so a checkpoint of this epoch finds this run's copies."
         if not self._holds_copies(): return
-        self._prints[str(self.epoch)] = self._fingerprint()
+        prints, now = self._prints.setdefault(str(self.epoch), []), self._fingerprint()
+        # a resumed fit may take another path than the original from the same epoch: both ends are the run's
+        if not any(self._same_weights(p, now) for p in prints): prints.append(now)
         if getattr(self, '_state_written', False): self._write_index()
 
     def _write_index(self):
@@ -299,12 +306,16 @@ class SparsifyCallback(Callback):
         need = []
         if (self.lth or self.reset_end) and self._resume_at > self.rewind_epoch and not sp.rewind_weights: need.append('rewind')
         if fresh and sp.criteria.reference == 'init': need.append('reference')
-        if not fresh and self._holds_copies() and not self._same_weights(self._prints.get(str(self._resume_at - 1)),
-                                                                          self._fingerprint()):
+        if not fresh and self._holds_copies() and not self._ends_epoch(self._prints, self._resume_at - 1):
             # the loaded checkpoint is not of the run whose copies this callback holds
             need = (['rewind'] if sp.rewind_weights else []) + (['reference'] if sp.criteria.reference == 'init' else [])
         if need: self._read_state(need)
         elif fresh or self._run is None: self._run, self._prints, self._state_written = uuid.uuid4().hex[:8], {}, False
+
+    @staticmethod
+    def _read_index(f: Path) -> dict | None:
+        try: return json.loads(f.read_text())
+        except (OSError, ValueError): return None  # unreadable: it cannot vouch for any run
 
     def _read_state(self, need: list[str]):
         "Find the run the loaded weights belong to among the state files of this folder, and read its copies back."
@@ -317,13 +328,13 @@ class SparsifyCallback(Callback):
         indexes = sorted(d.glob(f"{stem}_*.json"), key=lambda f: f.stat().st_mtime, reverse=True)
         if not indexes: raise FileNotFoundError(f"{intro}: {d / stem}_*.pth is missing")
         shapes = {n: list(m.weight.shape) for n, m in sp.layers.items()}
-        runs = [json.loads(f.read_text()) for f in indexes]
+        runs = [r for r in map(self._read_index, indexes) if r is not None]
         runs = [r for r in runs if r.get('layers') == shapes]
         if not runs:
             raise ValueError(f"{d / stem}_*.pth: the {len(indexes)} state file(s) there were written for other layers than "
                              f"this model's {self.layer_type.__name__} layers")
         now = self._fingerprint()
-        mine = [r for r in runs if self._same_weights(r['epochs'].get(str(k - 1)), now)]
+        mine = [r for r in runs if self._ends_epoch(r['epochs'], k - 1, now)]
         if not mine:
             raise ValueError(f"{intro}, but none of the {len(runs)} state file(s) in {d} is of the run the loaded weights "
                              f"come from: load the checkpoint saved at the end of epoch {k - 1} of a run whose "
@@ -341,7 +352,7 @@ class SparsifyCallback(Callback):
         if 'rewind' in need: sp.rewind_weights = on_device(state['rewind'])
         if 'reference' in need: sp.reference = on_device(state['reference'])
         # the resumed fit goes on with that run: its later epochs are noted in the same index
-        self._run, self._prints, self._state_written = run['run'], dict(run['epochs']), True
+        self._run, self._prints, self._state_written = run['run'], {e: list(p) for e, p in run['epochs'].items()}, True
         self._print(f"Resuming at epoch {k}: read back the {what} weights from {path}")
 
     def _counts_now(self) -> tuple:
