@@ -14,7 +14,7 @@ from fastcore.basics import store_attr
 from .criteria import Criteria, large_final
 from .granularity import get_granularity
 from .schedules import one_shot
-from .sparsifier import Sparsifier, check_sparsity, n_to_prune, unwrap_model
+from .sparsifier import Sparsifier, check_sparsity, n_to_prune, prunable_layers, unwrap_model
 from .report import sparsity_report
 
 __all__ = ['SparsifyCallback']
@@ -177,8 +177,7 @@ class SparsifyCallback(Callback):
         model = unwrap_model(self.target_model or self.learn.model)
         # a fit where every pruned weight is frozen (fine_tune's first phase) trains nothing to prune; its epoch
         # count says nothing of the unfrozen fit's, so the epoch arguments are checked there
-        pruned = [m for m in model.modules()
-                  if isinstance(m, self.layer_type) and isinstance(getattr(m, 'weight', None), torch.Tensor)]
+        pruned = list(prunable_layers(model, self.layer_type).values())  # raises on computed and lazy weights
         if pruned and not any(m.weight.requires_grad for m in pruned):
             self.active = False
             self._print("Pruned layers are frozen in this fit: pruning waits for an unfrozen one")

@@ -33,6 +33,7 @@ def _computed_weight(m: nn.Module) -> str | None:
         return "weight_norm's hook (weight_g, weight_v); torch.nn.utils.remove_weight_norm(layer) stores it"
     if hasattr(m, 'weight_orig'):
         return "spectral_norm's hook (weight_orig); torch.nn.utils.remove_spectral_norm(layer) stores it"
+    if 'weight' not in m.__dict__ and not hasattr(type(m), 'weight'): return None  # no weight at all
     return "a hook or property"
 
 
@@ -42,7 +43,7 @@ def prunable_layers(model: nn.Module, layer_type: type) -> dict[str, nn.Module]:
     layers, seen = {}, set()
     for n, m in unwrap_model(model).named_modules():
         if not isinstance(m, layer_type): continue
-        how = _computed_weight(m) if hasattr(m, 'weight') else None
+        how = _computed_weight(m)  # before reading m.weight: computing it may have effects (spectral_norm's power iteration)
         if how is not None:
             raise ValueError(f"layer {n!r} ({type(m).__name__}) computes its weight from other tensors through {how}: "
                              f"zeroing the computed weight would prune nothing. Store the weight as a parameter first")
