@@ -173,13 +173,11 @@ class SparsifyCallback(Callback):
 
     def _start_run(self):
         "Set up a pruning run for this training fit: check the epochs, build the masks, print the header."
-        self.active = True
         model = unwrap_model(self.target_model or self.learn.model)
         # a fit where every pruned weight is frozen (fine_tune's first phase) trains nothing to prune; its epoch
         # count says nothing of the unfrozen fit's, so the epoch arguments are checked there
         pruned = list(prunable_layers(model, self.layer_type).values())  # raises on computed and lazy weights
         if pruned and not any(m.weight.requires_grad for m in pruned):
-            self.active = False
             self._print("Pruned layers are frozen in this fit: pruning waits for an unfrozen one")
             return
         n_epoch = self.learn.n_epoch
@@ -218,6 +216,7 @@ class SparsifyCallback(Callback):
         self._steps_in_epoch, self.history = 0, []
         self._keep_or_read_state(fresh)
         self._mark_weights()
+        self.active = True
         self._print(f"Pruning of {self.granularity} until a sparsity of {self._fmt(self._end_value())}%")
 
     def _target_probe(self, pos: float):
@@ -440,7 +439,6 @@ class SparsifyCallback(Callback):
         if not (self.active and self.training): return
         self.sparsifier.apply()
         self._unmasked = False
-        self._mark_weights()
 
     def after_batch(self):
         if not (self.active and self.training) or self._in_validation(): return
@@ -449,7 +447,11 @@ class SparsifyCallback(Callback):
 
     def after_cancel_train(self): self._settle()
     def after_cancel_epoch(self): self._settle()
-    def after_cancel_fit(self): self._settle()
+    def after_cancel_fit(self):
+        "Before any callback's `after_fit` (SaveModelCallback may load its best there): mask, and end the cut epoch."
+        self._settle()
+        # an epoch ended by a CancelFitException raised in after_epoch before ours (EarlyStoppingCallback) gets its line
+        if self.active and self._steps_in_epoch: self.after_epoch()
 
     def _record(self, step, target):
         value = target if not isinstance(target, dict) else max(target.values(), default=0)
@@ -464,6 +466,7 @@ class SparsifyCallback(Callback):
         if self.history: self.history[-1]['actual'] = self.epoch_sparsity
         self._print(f"Sparsity at the end of epoch {self.epoch}: {self.epoch_sparsity:.2f}%")
         self._fingerprint_epoch()
+        self._mark_weights()
 
     def after_fit(self):
         if getattr(self, '_nested', 0): self._nested -= 1; return
@@ -472,10 +475,7 @@ class SparsifyCallback(Callback):
             warnings.warn("SparsifyCallback: fit(0) trains no epoch, so nothing was pruned")
         self._pending = False
         if not self.active: return  # no training fit of ours (validate, lr_find, a fit cancelled before it trained)
-        # an epoch ended by a CancelFitException raised in after_epoch before ours (EarlyStoppingCallback) gets its line
-        if self._steps_in_epoch: self.after_epoch()
-        self._settle()
-        self.active = False
+        self.active = False  # every step is masked by now: after_step, or the after_cancel_* event of a cancel
         sp = self.sparsifier
         # another callback put other weights in the model (SaveModelCallback's best epoch): that model is the result,
         # so the masks follow its zeros rather than being applied on top of it

@@ -113,3 +113,15 @@ def test_lines_are_exact_beside_other_callbacks(tmp_path, other):
     assert epoch_lines(out.getvalue()) == expected(agp, 70, 3, learn)
     assert conv_sparsity(learn.model) == pytest.approx(70, abs=0.01)
     if other == 'CSVLogger': assert len((tmp_path / 'history.csv').read_text().splitlines()) == 4
+
+
+def test_early_stopping_and_save_model_together(tmp_path):
+    learn = epoch_metric_learner(tmp_path)
+    stop = EarlyStoppingCallback(monitor='valid_loss', comp=np.greater, min_delta=1e9, patience=0)  # stops after epoch 1
+    text = fit_capture(learn, 6, [SparsifyCallback(sparsity=60, schedule=agp), stop,
+                                  SaveModelCallback(monitor='epoch_n', comp=np.less)])  # best: epoch 0
+    lines = epoch_lines(text)
+    assert lines == expected(agp, 60, 6, learn)[:2]  # the stopped epoch's line is its own, measured before the load
+    best = torch.load(tmp_path / 'models' / 'model.pth', map_location='cpu')
+    for k, v in learn.model.state_dict().items(): assert torch.equal(v, best[k]), k
+    assert f"Final Sparsity: {lines[0]:.2f}%" in text
