@@ -131,3 +131,12 @@ def test_a_lazy_layer_in_a_fit_gets_the_message():
                                              nn.Linear(8, 2)))
     with pytest.raises(ValueError, match="is lazy and has no weight yet"):
         fit_capture(learn, 1, [SparsifyCallback(sparsity=50)])
+
+
+def test_prunable_layers_lists_what_a_sparsifier_prunes():
+    from fasterai_sched.sparsifier import prunable_layers
+    net = tied_net()
+    assert list(prunable_layers(net, nn.Conv2d)) == ['0', '2']
+    assert list(prunable_layers(torch.compile(net, backend='eager'), nn.Conv2d)) == ['0', '2']
+    assert prunable_layers(net, nn.Linear) == {}
+    with pytest.raises(ValueError, match="computes its weight"): prunable_layers(wrapped_net('spectral_norm'), nn.Conv2d)
