@@ -429,9 +429,20 @@ class Sparsifier:
             counts[n] = (~keep).sum()
         self.masks = {}
         self._set_masks(new)
-        if not pruned: self._found = {n: ~k for n, k in new.items()}
+        if not pruned: self._found = {n: ~k & ~self._norm_zeroed(n, k) for n, k in new.items()}
         self.n_pruned = dict(zip(counts, torch.stack(list(counts.values())).tolist()))
         self._update_masked_pct()
+
+    def _norm_zeroed(self, n: str, keep: torch.Tensor) -> torch.Tensor:
+        """Units whose following normalisation channel is zeroed too (weight and bias): the mark this library's filter
+        pruning leaves, so such a filter found at zero was pruned, and restarts as a new filter when it comes back."""
+        m, none = self.layers[n], torch.zeros_like(keep)
+        bn = self._bn.get(m)
+        ch = self._output_mask(n, keep)
+        if ch is None or bn is None or not bn.affine or bn.num_features != ch.numel(): return none
+        zeroed = (bn.weight == 0) & (bn.bias == 0)
+        if type(m).__name__.startswith('ConvTranspose'): zeroed = zeroed.view(getattr(m, 'groups', 1), -1).all(0)
+        return zeroed.to(keep.device).view(keep.shape)
 
     def _with_channel_params(self, n: str, keep: torch.Tensor) -> torch.Tensor:
         "A whole filter counts as pruned only if its bias and normalisation channel are zero too, as pruning leaves them."

@@ -103,3 +103,37 @@ def test_a_dict_of_real_numbers():
     learn = small_learner(model=even_net(), c=8)
     text = fit_capture(learn, 1, [SparsifyCallback(sparsity={'0': Fraction(1, 2), '3': np.float32(75)})])
     assert 'until a sparsity of 75%' in text
+
+
+@pytest.mark.parametrize('pruned', [False, True])
+def test_masks_from_weights_says_whose_zeros_they_are(pruned):
+    sp = Sparsifier(fixup_net(), granularity='filter')
+    zero = sp.layers['3'].weight
+    sp.masks_from_weights(pruned=pruned)
+    assert sp.n_pruned['3'] == 0  # its BatchNorm is at (1, 0): no pruning left these filters
+    bn = sp.model[4]
+    with torch.no_grad(): bn.weight.zero_(); bn.bias.zero_()  # as this library's own filter pruning leaves them
+    sp.masks_from_weights(pruned=pruned)
+    assert sp.n_pruned['3'] == 8
+    sp.prune(0)  # every filter comes back: zeroed with their BatchNorm channel, they bear the mark of filter pruning
+    assert (zero != 0).all(1).all().item()  # so they restart as new filters
+
+
+@pytest.mark.parametrize('pruned', [False, True])
+def test_a_zero_filter_without_normalisation_is_redrawn_only_if_pruned_here(pruned):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, bias=False))
+    nn.init.zeros_(net[2].weight)
+    sp = Sparsifier(net, granularity='filter')
+    sp.masks_from_weights(pruned=pruned)
+    assert sp.n_pruned['2'] == 8
+    sp.prune(0)
+    assert bool((net[2].weight != 0).any()) == pruned  # Fixup's zero conv is never redrawn
+
+
+def test_filters_pruned_by_an_earlier_run_restart_when_a_new_run_brings_them_back():
+    learn = small_learner(model=even_net(), c=8)
+    fit_capture(learn, 2, [SparsifyCallback(sparsity=50, granularity='filter')])
+    assert conv_sparsity(learn.model) == 50
+    fit_capture(learn, 1, [SparsifyCallback(sparsity=0, granularity='filter')], lr=0)
+    assert conv_sparsity(learn.model) == 0  # not left as dead zero filters behind a zeroed BatchNorm
