@@ -152,14 +152,19 @@ class SparsifyCallback(Callback):
                     and sender.f_back.f_code is Learner.fit.__code__)
 
     def before_fit(self):
-        """A fit may begin: fastai sends this event in `validate`, `get_preds`, `summary`, `tta` and `lr_find` too, so the
-        pruning run starts with the fit's first training phase (`before_train`), which only a training fit has."""
+        """A pruning run starts here when `Learner.fit` sent the event. fastai also sends it in `validate`, `get_preds`,
+        `summary` and `tta`, where nothing of ours happens; a fit that reaches us by another path starts the run at its
+        first training phase (`before_train`), which only a training fit has."""
         if self._in_validation(): return  # inside our training fit too (a logger's validate): nothing of ours changes
-        if self.active and not self._sent_by_fit():  # summary or tta from a callback of our running fit
+        by_fit = self._sent_by_fit()
+        if self.active and not by_fit:  # summary or tta from a callback of our running fit
             self._nested += 1; return
         self.active, self._saw_epoch, self._unmasked, self._nested = False, False, False, 0
         # lr_find's mock training is no fit of ours: it neither prunes nor prints
         self._pending = not any(isinstance(cb, LRFinder) for cb in self.learn.cbs)
+        if self._pending and by_fit and self.learn.n_epoch > 0:
+            self._pending = False
+            self._start_run()
 
     def before_epoch(self):
         if not self._in_validation(): self._saw_epoch = True
@@ -216,7 +221,7 @@ class SparsifyCallback(Callback):
         self._steps_in_epoch, self.history = 0, []
         self._keep_or_read_state(fresh)
         self._mark_weights()
-        self.active = True
+        self.active, self._trained = True, False
         self._print(f"Pruning of {self.granularity} until a sparsity of {self._fmt(self._end_value())}%")
 
     def _target_probe(self, pos: float):
@@ -444,6 +449,7 @@ class SparsifyCallback(Callback):
         if not (self.active and self.training) or self._in_validation(): return
         self._settle()
         self._steps_in_epoch += 1  # training batches, stepped or not (GradientAccumulation)
+        self._trained = True
 
     def after_cancel_train(self): self._settle()
     def after_cancel_epoch(self): self._settle()
@@ -476,6 +482,7 @@ class SparsifyCallback(Callback):
         self._pending = False
         if not self.active: return  # no training fit of ours (validate, lr_find, a fit cancelled before it trained)
         self.active = False  # every step is masked by now: after_step, or the after_cancel_* event of a cancel
+        if not self._trained: return  # cancelled before its first batch: nothing was trained or pruned
         sp = self.sparsifier
         # another callback put other weights in the model (SaveModelCallback's best epoch): that model is the result,
         # so the masks follow its zeros rather than being applied on top of it

@@ -76,7 +76,8 @@ def test_a_fit_cancelled_in_before_fit(tmp_path, order):
     learn = fast_learner(path=tmp_path)
     before = {k: v.clone() for k, v in learn.model.state_dict().items()}
     text = fit_capture(learn, 3, [SparsifyCallback(sparsity=50), CancelIn('before_fit', order)])
-    assert text == '' and all(torch.equal(v, before[k]) for k, v in learn.model.state_dict().items())
+    # cancelled after ours (order 90), the fit had begun: only its first line, nothing trained or measured
+    assert text == ('' if order < 70 else 'Pruning of weight until a sparsity of 50%\n') and all(torch.equal(v, before[k]) for k, v in learn.model.state_dict().items())
     # and the callback goes on working in the next fit
     assert epoch_lines(fit_capture(learn, 2, [SparsifyCallback(sparsity=50)]))[-1] == 50
 

@@ -113,10 +113,7 @@ class RewoundWeights(Callback):
     "After each mask change, check the kept weights are the original run's rewind weights (the pruned ones zero)."
     order = 75  # right after SparsifyCallback
     def __init__(self, rewind): self.rewind, self.changes = rewind, 0
-    # issue 11: the callback sets its run up at the fit's first training phase, so the probes look from there
-    def before_fit(self): self.masks = None
-    def before_train(self):
-        if self.masks is None: self.masks = self.learn.sparsify.sparsifier.masks
+    def before_fit(self): self.masks = self.learn.sparsify.sparsifier.masks
     def before_step(self):
         sp = self.learn.sparsify.sparsifier
         if sp.masks is self.masks: return
@@ -160,11 +157,9 @@ def test_resume_without_the_state_file_fails_before_any_weight_changes(tmp_path)
 
 
 class MasksAtStart(Callback):
-    "The percent of weights the callback's masks zero when the fit starts, seen right after it set its run up."
+    "The percent of weights the callback's masks zero when the fit starts, seen right after its before_fit."
     order = 75
-    def before_fit(self): self.masked = None
-    def before_train(self):
-        if self.masked is None: self.masked = self.learn.sparsify.sparsifier.masked_sparsity()
+    def before_fit(self): self.masked = self.learn.sparsify.sparsifier.masked_sparsity()
 
 
 def test_the_same_callback_resumes_from_a_checkpoint_loaded_into_the_same_model(tmp_path):
