@@ -2,7 +2,7 @@
 `predict`, `summary`, `tta` and `lr_find` it prints nothing and changes no weight, file or record."""
 import contextlib, io, random
 import pytest, torch
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelFitException
 from fastai.learner import Learner
 from fasterai_sched import SparsifyCallback, agp, large_init
 from conftest import fit_capture, epoch_lines, conv_sparsity
@@ -134,3 +134,29 @@ def test_fit_zero_says_so(tmp_path):
     with pytest.warns(UserWarning, match=r"fit\(0\) trains no epoch, so nothing was pruned"):
         text = fit_capture(learn, 0, None)
     assert text == '' and same(before, snapshot(learn))
+
+
+class OwnFitLearner(Learner):
+    "A Learner whose fit runs fastai's loop without `Learner.fit`: the callback starts its run at `before_train`."
+    def fit(self, n_epoch, lr=None, wd=None, cbs=None, reset_opt=False, start_epoch=0):
+        with self.added_cbs(cbs):
+            if reset_opt or not self.opt: self.create_opt()
+            self.opt.set_hypers(lr=self.lr if lr is None else lr)
+            self.n_epoch = n_epoch
+            self._with_events(self._do_fit, 'fit', CancelFitException, self._end_cleanup)
+
+
+def test_a_fit_that_comes_another_way_prunes_the_same(tmp_path):
+    from issue6_helpers import fast_dls
+    from conftest import small_net
+    from fastai.vision.all import CrossEntropyLossFlat, accuracy
+    texts, models = [], []
+    for cls in [Learner, OwnFitLearner]:
+        random.seed(0); torch.manual_seed(0)
+        learn = cls(fast_dls(), small_net(), loss_func=CrossEntropyLossFlat(), metrics=accuracy, path=tmp_path / cls.__name__)
+        cb = SparsifyCallback(sparsity=70, schedule=agp, start_epoch=1)
+        learn.add_cb(cb)
+        with learn.no_bar(): learn.validate()
+        torch.manual_seed(1)
+        texts.append(fit_capture(learn, 3, None)); models.append(snapshot(learn))
+    assert texts[0] == texts[1] and 'Final Sparsity: 70.00%' in texts[1] and same(*models)
