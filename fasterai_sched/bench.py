@@ -22,11 +22,16 @@ VARIANTS = {
     'agp local': ('ours', 'agp', 'local'),
     'agp global': ('ours', 'agp', 'global'),
     'steady': ('ours', 'one_shot', 'local'),
+    'agp local (f=100)': ('ours', 'agp', 'local'),
+    'agp global (f=100)': ('ours', 'agp', 'global'),
     'fasterai agp local': ('fasterai', 'agp', 'local'),
     'fasterai agp global': ('fasterai', 'agp', 'global'),
     'fasterai steady': ('fasterai', 'one_shot', 'local'),
 }
 DEFAULT_VARIANTS = ['dense', 'agp local', 'agp global', 'steady']
+# variants with their own recompute policy: '(f=100)' is the policy before max_lag, masks every 100 steps and at
+# each epoch's end, whatever the lag; the others take the callback's defaults or the command line's
+POLICY = {'agp local (f=100)': {'max_lag': 1, 'frequency': 100}, 'agp global (f=100)': {'max_lag': 1, 'frequency': 100}}
 
 
 # ---- devices and models ----
@@ -180,15 +185,16 @@ def fasterai_available() -> tuple[bool, str]:
         return False, f"{type(e).__name__}: {e}"
 
 
-def make_callback(variant: str, frequency=None):
-    "The callback `variant` names (None for dense)."
+def make_callback(variant: str, frequency=None, max_lag=None):
+    "The callback `variant` names (None for dense); `frequency`, `max_lag`: the recompute policy, if not the default."
     lib, sched, context = VARIANTS[variant]
     if lib is None: return None
     if lib == 'ours':
         from .callback import SparsifyCallback
         from .criteria import large_final
         from .schedules import agp, one_shot
-        kw = {} if frequency is None else {'frequency': frequency}
+        kw = {k: v for k, v in [('frequency', frequency), ('max_lag', max_lag)] if v is not None}
+        kw = POLICY.get(variant, kw)
         return SparsifyCallback(sparsity=SPARSITY, granularity='weight', context=context, criteria=large_final,
                                 schedule={'agp': agp, 'one_shot': one_shot}[sched], verbose=False, **kw)
     from fasterai.sparse.all import SparsifyCallback as FasteraiCallback
@@ -210,7 +216,7 @@ def _prepare(variant: str, cfg: dict, device: torch.device, clock=None) -> tuple
     if per_step: dls = synthetic_dls(cfg['size'], cfg['bs'], cfg['steps'], 10, device)
     else: dls = digits_dls(cfg['size'], cfg['bs'], device)
     learn = Learner(dls, build_model(cfg['arch'], 10).to(device), loss_func=CrossEntropyLossFlat(), opt_func=Adam)
-    timer, cb = _Clock(device, per_step, clock), make_callback(variant, cfg.get('frequency'))
+    timer, cb = _Clock(device, per_step, clock), make_callback(variant, cfg.get('frequency'), cfg.get('max_lag'))
     if cb is not None: _time_events(cb, timer.in_callback)
     return learn, timer, cb
 
@@ -264,7 +270,7 @@ def _runs_taking_turns(variants: list[str], cfg: dict, device: torch.device) -> 
 def run_train_bench(mode: str = 'fit', arch: str = 'resnet18', size: int = 32, bs: int = 64, device: str = 'auto',
                     steps: int = 30, epochs: int = 3, repeats: int = 3, variants: list[str] | None = None,
                     frequency: int | None = None, warmup: bool = True, log=None,
-                    interleave: str | None = None) -> dict:
+                    interleave: str | None = None, max_lag: float | None = None) -> dict:
     """Time `variants` against dense. Each repeat fits every variant once, in a rotated order: one after the other
     (interleave='run', the default on CUDA), or all at once taking turns batch by batch (interleave='batch', the
     default on CPU, where other jobs on the same cores would otherwise decide the ratios)."""
@@ -286,9 +292,11 @@ def run_train_bench(mode: str = 'fit', arch: str = 'resnet18', size: int = 32, b
         variants = [v for v in variants if VARIANTS[v][0] != 'fasterai']
         notes.append(f"fasterai not installed (pip install -e '.[bench]'): its callback is not compared ({why})"
                      + (f"; skipped {skipped}" if skipped else ''))
-    cfg = dict(mode=mode, arch=arch, size=size, bs=bs, steps=steps, epochs=epochs, frequency=frequency)
+    cfg = dict(mode=mode, arch=arch, size=size, bs=bs, steps=steps, epochs=epochs, frequency=frequency, max_lag=max_lag)
     from .callback import SparsifyCallback
-    used = frequency or inspect.signature(SparsifyCallback).parameters['frequency'].default
+    defaults = inspect.signature(SparsifyCallback).parameters
+    used = {'frequency': frequency or defaults['frequency'].default,
+            'max_lag': defaults['max_lag'].default if max_lag is None else max_lag}
     if warmup:  # the first fit in a process pays for allocations and kernel selection: throw it away
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter('ignore')
@@ -303,7 +311,7 @@ def run_train_bench(mode: str = 'fit', arch: str = 'resnet18', size: int = 32, b
         for v, res in zip(order, results):
             runs[v].append(res)
             if log: log(json.dumps({'repeat': r + 1, 'of': repeats, 'variant': v, **res}))
-    return {'config': {**cfg, 'interleave': interleave, 'frequency_used': used, 'device': str(dev),
+    return {'config': {**cfg, 'interleave': interleave, 'policy': used, 'device': str(dev),
                        'device_name': device_name(dev), 'repeats': repeats, 'torch': torch.__version__,
                        'threads': torch.get_num_threads(), 'sparsity': SPARSITY},
             'rows': _rows(runs), 'notes': notes}
@@ -346,8 +354,11 @@ def format_train(res: dict) -> str:
             else f"fastai fit of {c['epochs']} epochs on digits")
     lines = [f"{c['arch']} at {c['size']} px, batch {c['bs']}, {what}; {c['device_name']}, torch {c['torch']}",
              f"median of {c['repeats']} repeats, variants interleaved {'batch by batch' if c['interleave'] == 'batch' else 'fit by fit'}; "
-             f"sparsity {c['sparsity']}% (weight, large_final); masks recomputed at most every {c['frequency_used']} "
-             "steps and at each epoch's end"]
+             f"sparsity {c['sparsity']}% (weight, large_final); masks recomputed when the target moved more than "
+             f"max_lag={c['policy']['max_lag']:g} of its span"
+             + (f", every {c['policy']['frequency']} steps" if c['policy']['frequency'] else '') + " and at each epoch's end"
+             + ("; '(f=100)': every 100 steps and at each epoch's end, no lag bound (the old default)"
+                if any('(f=100)' in r['variant'] for r in res['rows']) else '')]
     head = f"{'variant':<22}{'s/' + unit:>10}{'x dense':>9}"
     if cpu: head += f"{'cpu s/' + unit:>14}{'x dense':>9}{'in callback':>13}"
     head += f"{'sparsity':>10}{'mask bytes':>13}{'copy bytes':>12}"
@@ -369,7 +380,8 @@ def format_train(res: dict) -> str:
 def run_select_bench(n: int = 100_000_000, device: str = 'auto', repeats: int = 5, sparsity: float = SPARSITY,
                      reference: bool | None = None) -> dict:
     "Median time to pick the exact `sparsity`% lowest of `n` random scores: the threshold, and the full mask."
-    from .sparsifier import _kth_smallest, lowest_k, n_to_prune
+    from .selection import _kth_smallest, lowest_k
+    from .sparsifier import n_to_prune
     dev = pick_device(device)
     scores = torch.rand(n, generator=torch.Generator().manual_seed(0)).to(dev)
     k = max(1, n_to_prune(sparsity, n))
@@ -417,6 +429,7 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"comma-separated, from {list(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)}, "
                         "plus fasterai's when it is installed)")
     p.add_argument('--frequency', type=int, default=None, help="SparsifyCallback's frequency (default: its own)")
+    p.add_argument('--max-lag', type=float, default=None, help="SparsifyCallback's max_lag (default: its own)")
     p.add_argument('--interleave', choices=['batch', 'run'], default=None,
                    help="'batch': the variants' fits run at once, taking turns batch by batch (default on CPU); "
                         "'run': one fit after the other (default on CUDA)")
@@ -446,7 +459,7 @@ def main(argv=None) -> dict:
     else: variants = DEFAULT_VARIANTS + ['fasterai agp local', 'fasterai agp global', 'fasterai steady']
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.verbose else None
     res = run_train_bench(mode, arch, size, args.bs, args.device, args.steps, args.epochs, args.repeats, variants,
-                          args.frequency, not args.no_warmup, log, args.interleave)
+                          args.frequency, not args.no_warmup, log, args.interleave, args.max_lag)
     print(json.dumps(res, indent=1) if args.json else format_train(res))
     return res
 

@@ -20,6 +20,7 @@ from .report import sparsity_report
 __all__ = ['SparsifyCallback']
 
 _UNSET = object()
+MAX_LAG = 0.02  # default share of the schedule's span the masks may trail the target by (docs/performance.md)
 
 
 def _pick(name: str, value, alias: str, alias_value, default):
@@ -56,13 +57,13 @@ def _check_options(model, lth, reset_end, save_tickets, verbose, seed, rewind_ep
 class SparsifyCallback(Callback):
     """Prune `layer_type` layers during `fit` following `schedule`, from `start_sparsity` to `sparsity` percent.
 
-    While the target moves, masks are recomputed at most every `frequency` training steps (default 100, as TF-MOT's
-    pruning `frequency` and AGP's 100-1000-step interval) and only when the target's unit count changed; always at
-    the steps where pruning starts or ends, at a step where the target moves by `JUMP` (a tenth) of the schedule's
-    span or more (the steps of `iterative`, `one_shot`), and at each epoch's last step, so the epoch lines are exact.
-    `None` recomputes at every step where the count changes. Between recomputes a step only re-applies the masks."""
+    Masks follow the target: they are recomputed as soon as the target has moved more than `max_lag` of the
+    schedule's span (`start_sparsity` to `sparsity`) since the last recompute, so the measured sparsity never trails
+    the target by more than that, on few steps or many; also when pruning starts or ends, when the target stops
+    moving, at each epoch's last step (a catch-up of at most `max_lag`, so the epoch lines are exact) and, with
+    `frequency`, every `frequency` steps. Only when the target's unit count changed; between recomputes a step only
+    re-applies the masks."""
     order = 70  # after MixedPrecision has unscaled the gradients; prints after the progress table's row
-    JUMP = 0.1  # a target that moves this share of start_sparsity -> sparsity in one step: a schedule's step, never delayed
     # the weight copies a resumed fit needs go to learn.path/learn.model_dir/{state_fname}_{run}.pth, one file per run,
     # with {state_fname}_{run}.json saying which weights each epoch ended with; None writes nothing (and cannot resume them)
     state_fname = 'sparsify_state'
@@ -72,7 +73,8 @@ class SparsifyCallback(Callback):
                  start_epoch: int = 0, end_epoch: int | None = None, lth: bool = False, rewind_epoch: int = 0,
                  reset_end: bool = False, save_tickets: bool = False, model: nn.Module | None = None,
                  round_to: int | None = None, layer_type: type = nn.Conv2d, verbose: bool = True,
-                 frequency: int | None = 100, seed: int = 0, end_sparsity=_UNSET, sched_func=_UNSET):
+                 max_lag: float = MAX_LAG, frequency: int | None = None, seed: int = 0, end_sparsity=_UNSET,
+                 sched_func=_UNSET):
         sparsity = _pick('sparsity', sparsity, 'end_sparsity', end_sparsity, _UNSET)
         if sparsity is _UNSET: raise TypeError("SparsifyCallback needs sparsity (or end_sparsity), a percent such as 90")
         schedule = _pick('schedule', schedule, 'sched_func', sched_func, one_shot)
@@ -88,11 +90,14 @@ class SparsifyCallback(Callback):
         get_granularity(granularity, layer_type)  # raises on an unknown name, listing the valid ones
         _check_int('start_epoch', start_epoch); _check_int('end_epoch', end_epoch, 1, allow_none=True)
         _check_int('rewind_epoch', rewind_epoch); _check_int('frequency', frequency, 1, allow_none=True)
+        if isinstance(max_lag, bool) or not isinstance(max_lag, Real) or not 0 <= max_lag <= 1:
+            raise ValueError(f"max_lag={max_lag!r} must be a share of the schedule's span in [0, 1] (0.02 lets the "
+                             f"masks trail the target by at most 2% of start_sparsity -> sparsity)")
         if end_epoch is not None and end_epoch <= start_epoch:
             raise ValueError(f"end_epoch={end_epoch} must be after start_epoch={start_epoch}")
         _check_options(model, lth, reset_end, save_tickets, verbose, seed, rewind_epoch, start_epoch, given_start)
         store_attr('sparsity,granularity,context,criteria,schedule,start_sparsity,start_epoch,end_epoch,lth,'
-                   'rewind_epoch,reset_end,save_tickets,round_to,layer_type,verbose,frequency,seed')
+                   'rewind_epoch,reset_end,save_tickets,round_to,layer_type,verbose,max_lag,frequency,seed')
         self.target_model, self.sparsifier, self.history, self._steps_in_epoch = model, None, [], 0
         self.active, self._pending, self._saw_epoch, self._unmasked, self._run, self._prints = False, False, False, False, None, {}
         self._nested = 0
@@ -218,6 +223,7 @@ class SparsifyCallback(Callback):
         for i in range(101): self._target_probe(i / 100)
         self.n_iter_fit = len(self.learn.dls.train)
         self._current = self._counts_now()
+        self._mask_target = self._target(self._resume_at * self.n_iter_fit)  # what the masks held at this fit's start
         self._steps_in_epoch, self.history = 0, []
         self._keep_or_read_state(fresh)
         self._mark_weights()
@@ -417,20 +423,24 @@ class SparsifyCallback(Callback):
         return [m.weight._version for m in self.sparsifier.layers.values()] != getattr(self, '_versions', None)
 
     def _due(self, step: int, counts: tuple, target) -> bool:
-        """Recompute? At an epoch's last step (exact epoch lines), when pruning starts or ends, when the target moves
-        by `JUMP` of its span in this step; else each `frequency` steps."""
+        """Recompute? When the target has moved more than `max_lag` of its span since the last recompute, when pruning
+        starts or ends, when the target stops moving, at an epoch's last step (exact epoch lines), each `frequency` steps."""
         if self.iter == self.n_iter_fit - 1 or not any(self._current) or not any(counts): return True
-        if self.frequency is None or step % self.frequency == 0: return True
-        before = self._target(step - 1)
-        jumped = lambda now, then, end: abs(now - then) >= self.JUMP * abs(end - self.start_sparsity) > 0
-        if isinstance(target, dict): return any(jumped(target[n], before[n], self.sparsity[n]) for n in target)
-        return jumped(target, before, self.sparsity)
+        if self.frequency is not None and step % self.frequency == 0: return True
+        if self._lag(target, self._mask_target) > self.max_lag: return True
+        return self._lag(target, self._target(step + 1)) == 0  # the target settles here: no lag left behind
+
+    def _lag(self, target, other) -> float:
+        "How far apart two targets are, as a share of the schedule's span (the largest over layers for a dict)."
+        def share(a, b, end): return abs(a - b) / span if (span := abs(end - self.start_sparsity)) else float(a != b)
+        if isinstance(target, dict): return max((share(target[n], other[n], self.sparsity[n]) for n in target), default=0.)
+        return share(target, other, self.sparsity)
 
     def _update_masks(self, target, counts):
         sp = self.sparsifier
         opt = self.learn.opt  # an OptimWrapper keeps the torch optimizer's per-weight state in .opt
         sp.prune(target, optimizer=opt.opt if isinstance(opt, OptimWrapper) else opt)
-        self._current = counts
+        self._current, self._mask_target = counts, target
         if self.lth and sp.rewind_weights:
             sp.rewind()
             if self.save_tickets: self._save_ticket(target)
@@ -497,7 +507,8 @@ class SparsifyCallback(Callback):
         state = self.__dict__.copy()
         state.update(sparsifier=None, history=[], active=False, _pending=False, _unmasked=False, _run=None, _prints={},
                      _nested=0)
-        for k in ('_versions', '_current', '_stepped', 'n_iter_fit', '_end_epoch', '_resume_at', 'epoch_sparsity'):
+        for k in ('_versions', '_current', '_stepped', 'n_iter_fit', '_end_epoch', '_resume_at', 'epoch_sparsity',
+                  '_mask_target', '_trained', '_state_written'):
             state.pop(k, None)
         return state
 

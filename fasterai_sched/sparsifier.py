@@ -1,6 +1,6 @@
 """Sparsifier: scores -> exact-count selection (local or global) -> boolean masks -> applied to the weights."""
 from __future__ import annotations
-import functools, math
+import math
 from fractions import Fraction
 from numbers import Real
 import numpy as np
@@ -8,6 +8,7 @@ import torch, torch.nn as nn
 import torch.distributed as dist
 from .granularity import Granularity, NMGranularity, get_granularity
 from .criteria import Criteria, CRITERIA, large_final
+from .selection import lowest_k
 
 __all__ = ['Sparsifier', 'lowest_k', 'n_to_prune', 'check_sparsity', 'unwrap_model', 'prunable_layers']
 
@@ -71,93 +72,10 @@ def n_to_prune(sparsity: float, n: int) -> int:
     return math.floor(Fraction(sparsity) * n / 100)
 
 
-_SAMPLE = 1 << 16  # scores drawn to bracket the k-th smallest
-_DIRECT = 1 << 19  # below this many scores, bracketing saves nothing
-
-
-def _small_kth(x: torch.Tensor, k: int) -> torch.Tensor:
-    "The k-th smallest (1-based) of a tensor of moderate size: kthvalue on CPU, a sort on CUDA (kthvalue is slow there)."
-    return x.kthvalue(k).values if x.device.type == 'cpu' else x.sort().values[k - 1]
-
-
 def _seed(seed: int, layer: int, draw: int | None = None) -> int:
     "A generator seed from the user's seed, a layer's index and (for restarted channels) a draw count, for any int seed."
     x = seed * 100_003 + layer
     return (x if draw is None else x * 7_919 + draw) % 2 ** 63
-
-
-@functools.lru_cache(maxsize=8)
-def _sample_positions(n: int, m: int, device: torch.device) -> torch.Tensor:
-    "The m fixed random positions `_bracketed_kth` samples from n scores, drawn once per size and device."
-    return torch.randint(n, (m,), generator=torch.Generator().manual_seed(n)).to(device)
-
-
-def _bracketed_kth(scores: torch.Tensor, k: int):
-    """The k-th smallest found among the few scores inside a bracket [lo, hi] estimated from a fixed random sample:
-    (value, count below lo, indices and values of the scores inside), or None when the bracket misses it.
-    A few host syncs, once per selection; every pass over all scores is a comparison or a count."""
-    n, m = scores.numel(), _SAMPLE
-    sample = scores[_sample_positions(n, m, scores.device)]
-    # the k-th smallest sits near rank k*m/n of the sample; 4 standard deviations of that rank either side
-    p = k / n
-    rank, spread = p * m, 4 * math.sqrt(m * p * (1 - p)) + 2
-    lo_r, hi_r = math.floor(rank - spread), math.ceil(rank + spread)
-    if sample.device.type == 'cpu':
-        lo = sample.kthvalue(lo_r + 1).values.item() if lo_r >= 0 else -math.inf
-        hi = sample.kthvalue(hi_r + 1).values.item() if hi_r < m else math.inf
-    else:  # one sort and one read back for both ends
-        ends = sample.sort().values[torch.tensor([max(lo_r, 0), min(hi_r, m - 1)], device=sample.device)].tolist()
-        lo, hi = (ends[0] if lo_r >= 0 else -math.inf), (ends[1] if hi_r < m else math.inf)
-    below = scores < lo
-    n_lo = int(below.count_nonzero())
-    if n_lo >= k: return None
-    idx = (scores <= hi).logical_xor_(below).nonzero().squeeze(1)  # lo <= s <= hi
-    if n_lo + idx.numel() < k: return None
-    inside = scores[idx]
-    t = inside[0] if lo == hi else _small_kth(inside, k - n_lo)  # lo == hi: every score inside equals it
-    return t, n_lo, idx, inside
-
-
-def _lowest_k_bracketed(scores: torch.Tensor, k: int) -> torch.Tensor:
-    "`lowest_k` for 0 < k < n: a single comparison pass over all scores unless ties straddle the k-th smallest."
-    got = _bracketed_kth(scores, k) if scores.numel() >= _DIRECT else None
-    if got is None:
-        t = _kth_direct(scores, k)
-        out = scores <= t
-        if out.count_nonzero() == k: return out
-    else:
-        t, n_lo, idx, inside = got
-        if n_lo + int((inside <= t).count_nonzero()) == k: return scores <= t
-        out = scores < t  # every score equal to t is inside the bracket: the lowest indices complete the count
-        out[idx[inside == t][:k - n_lo - int((inside < t).count_nonzero())]] = True
-        return out
-    below = scores < t  # ties: the lowest indices among the scores equal to t complete the count
-    below[(scores == t).nonzero().squeeze(1)[:k - int(below.count_nonzero())]] = True
-    return below
-
-
-def _kth_direct(scores: torch.Tensor, k: int, topk: bool | None = None) -> torch.Tensor:
-    """The k-th smallest (1-based) over all scores, as a 0-d tensor: kthvalue on CPU; on CUDA (or `topk=True`) topk of
-    the smaller side, since kthvalue is slow there and quantile refuses large inputs."""
-    if not (scores.device.type == 'cuda' if topk is None else topk): return scores.kthvalue(k).values
-    n = scores.numel()
-    if k <= n - k + 1: return scores.topk(k, largest=False, sorted=False).values.max()
-    return scores.topk(n - k + 1, sorted=False).values.min()
-
-
-def _kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    "The k-th smallest of a 1-d tensor (1-based), as a 0-d tensor: bracketed when the tensor is large."
-    got = _bracketed_kth(scores, k) if scores.numel() >= _DIRECT else None
-    return _kth_direct(scores, k) if got is None else got[0]
-
-
-def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of exactly the `k` lowest of a 1-d tensor; among equal scores the lower index goes first.
-    It reads the counts it needs back to the host (masks change at most every `frequency` steps, never per step)."""
-    n = scores.numel()
-    if k <= 0: return torch.zeros(n, dtype=torch.bool, device=scores.device)
-    if k >= n: return torch.ones(n, dtype=torch.bool, device=scores.device)
-    return _lowest_k_bracketed(scores, k)
 
 
 _NUMPY_FLOATS = (torch.float32, torch.float64, torch.float16)

@@ -4,6 +4,7 @@ from unittest import mock
 import pytest, torch, torch.nn as nn
 from hypothesis import given, settings, strategies as st
 import fasterai_sched.sparsifier as S
+import fasterai_sched.selection as SEL
 from fasterai_sched import bench
 
 OURS = ['dense', 'agp local', 'agp global', 'steady']
@@ -61,14 +62,15 @@ def test_step_mode_json():
 
 
 def test_fit_mode_table():
-    variants = ['dense', 'agp global', 'steady']
+    variants = ['dense', 'agp global', 'steady', 'agp global (f=100)']
     res, text = run_main('--arch', 'resnet18', '--size', '8', '--bs', '256', '--epochs', '2', '--repeats', '1',
                          '--device', 'cpu', '--no-warmup', '--variants', ','.join(variants))
     check_rows(res, variants)
     assert res['config']['mode'] == 'fit'  # the default on CPU
     lines = text.splitlines()
     assert 'resnet18 at 8 px, batch 256, fastai fit of 2 epochs on digits' in lines[0]
-    assert 'median of 1 repeats, variants interleaved batch by batch' in lines[1] and 'every 100 steps' in lines[1]
+    assert 'median of 1 repeats, variants interleaved batch by batch' in lines[1] and 'max_lag=0.02 of its span' in lines[1]
+    assert "'(f=100)': every 100 steps and at each epoch's end, no lag bound (the old default)" in lines[1]
     assert res['config']['interleave'] == 'batch'  # the default on CPU
     assert lines[2].split() == ['variant', 's/epoch', 'x', 'dense', 'cpu', 's/epoch', 'x', 'dense', 'in', 'callback',
                                 'sparsity', 'mask', 'bytes', 'copy', 'bytes']
@@ -82,6 +84,15 @@ def test_fasterai_rows_skipped_with_a_note():
     assert [r['variant'] for r in res['rows']] == ['dense']
     assert any('fasterai not installed' in n and 'fasterai agp global' in n for n in res['notes'])
     assert 'fasterai not installed' in bench.format_train(res)
+
+
+def test_variants_recompute_policy():
+    "'(f=100)' variants keep the old policy whatever the command line says; the others take the command line's."
+    old = bench.make_callback('agp local (f=100)', frequency=5, max_lag=0.5)
+    assert (old.max_lag, old.frequency, old.context) == (1, 100, 'local')
+    new = bench.make_callback('agp global', max_lag=0.05)
+    assert (new.max_lag, new.frequency, new.context) == (0.05, None, 'global')
+    assert bench.make_callback('agp local').max_lag == 0.02 and bench.make_callback('dense') is None
 
 
 def test_bad_arguments():
@@ -119,30 +130,30 @@ KINDS = ['uniform', 'few values', 'mostly zero', 'inf held', 'float64 rounded']
 @pytest.mark.parametrize('kind', KINDS)
 def test_fast_selection_matches_stable_sort(kind):
     g = torch.Generator().manual_seed(KINDS.index(kind))
-    with mock.patch.object(S, '_DIRECT', 64), mock.patch.object(S, '_SAMPLE', 256):  # bracket small inputs too
+    with mock.patch.object(SEL, '_DIRECT', 64), mock.patch.object(SEL, '_DIRECT_CPU', 64), mock.patch.object(SEL, '_SAMPLE', 256):  # bracket small inputs too
         for n in [64, 1000, 20_000]:
             s = tricky_scores(n, kind, g)
-            if n >= 1000: assert S._bracketed_kth(s, n // 2) is not None  # the fast path is what is tested
+            if n >= 1000: assert SEL._bracketed_kth(s, n // 2) is not None  # the fast path is what is tested
             for k in [0, 1, 2, n // 10, n // 2, n - n // 10, n - 2, n - 1, n, n + 3]:
-                got = S.lowest_k(s, k)
+                got = SEL.lowest_k(s, k)
                 assert got.dtype == torch.bool and int(got.sum()) == min(max(k, 0), n)
                 assert torch.equal(got, reference_lowest_k(s, k)), (kind, n, k)
                 if 0 < k <= n:
-                    assert S._kth_smallest(s, k) == s.sort().values[k - 1]
-                    assert S._kth_direct(s, k, topk=True) == s.sort().values[k - 1]  # CUDA's way, run on CPU
+                    assert SEL._kth_smallest(s, k) == s.sort().values[k - 1]
+                    assert SEL._kth_direct(s, k, topk=True) == s.sort().values[k - 1]  # CUDA's way, run on CPU
 
 
 def test_bracket_is_taken_and_its_miss_falls_back():
     n, k = 1 << 20, 700_000
     s = torch.rand(n, generator=torch.Generator().manual_seed(0))
-    assert S._bracketed_kth(s, k) is not None  # the fast path, at the default sizes
-    assert n >= S._DIRECT
+    assert SEL._bracketed_kth(s, k) is not None  # the fast path, at the default sizes
+    assert n >= SEL._DIRECT
     # scores at exactly the sampled positions made huge: the sample misleads, the bracket misses, the answer stays
-    picked = torch.randint(n, (S._SAMPLE,), generator=torch.Generator().manual_seed(n))
+    picked = torch.randint(n, (SEL._SAMPLE,), generator=torch.Generator().manual_seed(n))
     s[picked] = 10 + s[picked]
-    assert S._bracketed_kth(s, k) is None
-    assert torch.equal(S.lowest_k(s, k), reference_lowest_k(s, k))
-    assert S._kth_smallest(s, k) == s.kthvalue(k).values == S._kth_direct(s, k, topk=True)
+    assert SEL._bracketed_kth(s, k) is None
+    assert torch.equal(SEL.lowest_k(s, k), reference_lowest_k(s, k))
+    assert SEL._kth_smallest(s, k) == s.kthvalue(k).values == SEL._kth_direct(s, k, topk=True)
 
 
 @settings(max_examples=60, deadline=None)
@@ -150,8 +161,8 @@ def test_bracket_is_taken_and_its_miss_falls_back():
 def test_fast_selection_property(values, data):
     s = torch.tensor(values, dtype=torch.float32)
     k = data.draw(st.integers(-1, len(values) + 1))
-    with mock.patch.object(S, '_DIRECT', 1), mock.patch.object(S, '_SAMPLE', data.draw(st.sampled_from([1, 4, 64]))):
-        got = S.lowest_k(s, k)
+    with mock.patch.object(SEL, '_DIRECT', 1), mock.patch.object(SEL, '_DIRECT_CPU', 1), mock.patch.object(SEL, '_SAMPLE', data.draw(st.sampled_from([1, 4, 64]))):
+        got = SEL.lowest_k(s, k)
     assert torch.equal(got, reference_lowest_k(s, k))
 
 
@@ -173,7 +184,7 @@ def test_cpu_apply_equals_multiplying_by_the_mask(dtype, granularity):
 
 
 # ---- how often masks are recomputed ----
-def recomputes(frequency=100, schedule=None, n_epoch=3, **kw):
+def recomputes(frequency=None, schedule=None, n_epoch=3, **kw):
     "Fit 15 steps per epoch; the global steps at which the masks were recomputed, the epoch lines and the callback."
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
@@ -192,33 +203,49 @@ def recomputes(frequency=100, schedule=None, n_epoch=3, **kw):
     return steps, epoch_lines(text), cb
 
 
-def test_default_frequency_recomputes_at_start_and_epoch_ends_only():
+def test_default_recomputes_follow_the_target():
+    "agp to 80% over 45 steps: a recompute whenever the target moved more than 2% of 80 points (1.6) since the last."
     steps, lines, cb = recomputes()
-    assert cb.frequency == 100 and steps == [1, 15, 30, 45]
-    every, lines_every, _ = recomputes(frequency=None)
-    assert len(every) >= 40 and every[:2] == [1, 2]  # agp moves the count at (nearly) every step
-    assert lines == lines_every and lines[-1] == 80.0  # the epoch lines do not depend on the frequency
+    assert cb.max_lag == 0.02 and cb.frequency is None
+    targets = [cb._target(s) for s in range(46)]
+    last, expected = 0., []
+    for s in range(1, 46):
+        if abs(targets[s] - last) > 1.6 or s % 15 == 0 or s == 1: expected.append(s); last = targets[s]
+    assert steps == expected and 15 < len(steps) < 45
+    every, lines_every, _ = recomputes(max_lag=0)  # every step where the count changes
+    assert len(every) >= 40 and every[:2] == [1, 2]
+    assert lines == lines_every and lines[-1] == 80.0  # the epoch lines do not depend on the policy
 
 
-def test_frequency_spaces_recomputes_and_epoch_ends_stay():
-    steps, lines, _ = recomputes(frequency=4)
+def test_frequency_adds_recomputes_and_epoch_ends_stay():
+    steps, lines, _ = recomputes(frequency=4, max_lag=1)  # the step rule alone (a lag of the whole span never fires)
     assert steps == [1, 4, 8, 12, 15, 16, 20, 24, 28, 30, 32, 36, 40, 44, 45]
     assert lines == recomputes(frequency=1)[1]
+    both = recomputes(frequency=4)[0]  # both rules at once: every fourth step, and wherever the lag asks
+    assert {4, 8, 12} <= set(both) and len(both) > len(recomputes()[0])
 
 
 def test_recompute_when_pruning_ends():
     "A schedule that switches pruning off mid-epoch: the masks are released at once, not at the epoch's end."
     def on_then_off(start, end, pos): return end if pos < 0.6 else start
     steps, lines, _ = recomputes(schedule=on_then_off)
-    assert steps == [1, 27] and lines[0] == 80.0  # 27 = 0.6 * 45 steps: neither an epoch end nor a multiple of 100
+    assert steps == [1, 27] and lines[0] == 80.0  # 27 = 0.6 * 45 steps: not an epoch end
+
+
+def test_recompute_when_the_target_settles():
+    "A target that stops moving mid-epoch: the masks reach it at that step, though it moved less than max_lag."
+    def twice_as_fast(start, end, pos): return start + (end - start) * min(1., 2 * pos)
+    steps, lines, cb = recomputes(schedule=twice_as_fast, max_lag=0.3)
+    assert cb._target(23) == 80 and cb._target(22) < 80 and 23 in steps  # step 23 is no epoch end (15, 30, 45)
+    assert cb.history[22]['actual'] == pytest.approx(80, abs=0.01) and cb.history[21]['actual'] < 79
 
 
 def test_a_schedules_step_is_never_delayed():
-    "iterative's jumps are recomputed at the step they happen, though neither an epoch end nor a multiple of 100."
+    "iterative's jumps are recomputed at the step they happen, though not at an epoch end."
     from fasterai_sched import iterative
     steps, lines, cb = recomputes(schedule=iterative, n_epoch=2)
     targets = [cb._target(s) for s in range(0, 31)]
-    jumps = [s for s in range(1, 31) if targets[s] - targets[s - 1] >= cb.JUMP * 80]
+    jumps = [s for s in range(1, 31) if targets[s] != targets[s - 1]]
     assert len(jumps) == 3 and any(s % 15 for s in jumps)  # 3 steps, some inside an epoch
     assert steps == jumps  # and nowhere else: the epoch ends find the counts unchanged
     assert lines == recomputes(schedule=iterative, n_epoch=2, frequency=1)[1]
@@ -234,3 +261,13 @@ def test_small_schedule_steps_are_not_delayed_either(kw):
     targets = [cb._target(s) for s in range(0, 31)]
     moves = [s for s in range(1, 31) if targets[s] != targets[s - 1]]
     assert moves and all(s in steps for s in moves) and any(s % 15 for s in moves)
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_numpy_and_torch_selection_agree(kind):
+    "The CPU path (numpy passes) and the torch path CUDA takes pick the same weights, bracketed or not."
+    g = torch.Generator().manual_seed(10 + KINDS.index(kind))
+    for n in [1000, SEL._DIRECT + 5_000]:
+        s = tricky_scores(n, kind, g)
+        for k in [1, n // 3, n - 7]:
+            assert torch.equal(SEL.lowest_k(s, k), SEL._lowest_k_bracketed(s, k)), (kind, n, k)

@@ -1,0 +1,135 @@
+"""Exact-count selection: the k lowest scores, ties to the lower index, on any device, fast.
+
+On CPU the passes over the scores run in numpy (single-threaded and SIMD: several times faster than torch's
+two-thread comparisons on a loaded 2-core machine); on CUDA they are torch kernels with a few host reads."""
+from __future__ import annotations
+import functools, math
+import numpy as np
+import torch
+
+__all__ = ['lowest_k']
+
+_SAMPLE = 1 << 16  # scores drawn to bracket the k-th smallest (at most, on CPU)
+_DIRECT = 1 << 19  # below this many scores, bracketing saves nothing on CUDA
+_DIRECT_CPU = 1 << 15  # on CPU it pays from here
+
+
+def _small_kth(x: torch.Tensor, k: int) -> torch.Tensor:
+    "The k-th smallest (1-based) of a tensor of moderate size: kthvalue on CPU, a sort on CUDA (kthvalue is slow there)."
+    return x.kthvalue(k).values if x.device.type == 'cpu' else x.sort().values[k - 1]
+
+
+@functools.lru_cache(maxsize=512)  # one per layer size: a model's layers all stay cached
+def _sample_positions(n: int, m: int, device: torch.device) -> torch.Tensor:
+    "The m fixed random positions `_bracketed_kth` samples from n scores, drawn once per size and device."
+    return torch.randint(n, (m,), generator=torch.Generator().manual_seed(n)).to(device)
+
+
+def _bracketed_kth(scores: torch.Tensor, k: int):
+    """The k-th smallest found among the few scores inside a bracket [lo, hi] estimated from a fixed random sample:
+    (value, count below lo, indices and values of the scores inside), or None when the bracket misses it.
+    A few host syncs, once per selection; every pass over all scores is a comparison or a count."""
+    n, m = scores.numel(), _SAMPLE
+    sample = scores[_sample_positions(n, m, scores.device)]
+    # the k-th smallest sits near rank k*m/n of the sample; 4 standard deviations of that rank either side
+    lo_r, hi_r = _sample_bracket(k, n, m)
+    if sample.device.type == 'cpu':
+        lo = sample.kthvalue(lo_r + 1).values.item() if lo_r >= 0 else -math.inf
+        hi = sample.kthvalue(hi_r + 1).values.item() if hi_r < m else math.inf
+    else:  # one sort and one read back for both ends
+        ends = sample.sort().values[torch.tensor([max(lo_r, 0), min(hi_r, m - 1)], device=sample.device)].tolist()
+        lo, hi = (ends[0] if lo_r >= 0 else -math.inf), (ends[1] if hi_r < m else math.inf)
+    below = scores < lo
+    n_lo = int(below.count_nonzero())
+    if n_lo >= k: return None
+    idx = (scores <= hi).logical_xor_(below).nonzero().squeeze(1)  # lo <= s <= hi
+    if n_lo + idx.numel() < k: return None
+    inside = scores[idx]
+    t = inside[0] if lo == hi else _small_kth(inside, k - n_lo)  # lo == hi: every score inside equals it
+    return t, n_lo, idx, inside
+
+
+def _lowest_k_bracketed(scores: torch.Tensor, k: int) -> torch.Tensor:
+    "`lowest_k` for 0 < k < n: a single comparison pass over all scores unless ties straddle the k-th smallest."
+    got = _bracketed_kth(scores, k) if scores.numel() >= _DIRECT else None
+    if got is None:
+        t = _kth_direct(scores, k)
+        out = scores <= t
+        if out.count_nonzero() == k: return out
+    else:
+        t, n_lo, idx, inside = got
+        if n_lo + int((inside <= t).count_nonzero()) == k: return scores <= t
+        out = scores < t  # every score equal to t is inside the bracket: the lowest indices complete the count
+        out[idx[inside == t][:k - n_lo - int((inside < t).count_nonzero())]] = True
+        return out
+    below = scores < t  # ties: the lowest indices among the scores equal to t complete the count
+    below[(scores == t).nonzero().squeeze(1)[:k - int(below.count_nonzero())]] = True
+    return below
+
+
+def _kth_direct(scores: torch.Tensor, k: int, topk: bool | None = None) -> torch.Tensor:
+    """The k-th smallest (1-based) over all scores, as a 0-d tensor: kthvalue on CPU; on CUDA (or `topk=True`) topk of
+    the smaller side, since kthvalue is slow there and quantile refuses large inputs."""
+    if not (scores.device.type == 'cuda' if topk is None else topk): return scores.kthvalue(k).values
+    n = scores.numel()
+    if k <= n - k + 1: return scores.topk(k, largest=False, sorted=False).values.max()
+    return scores.topk(n - k + 1, sorted=False).values.min()
+
+
+def _kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    "The k-th smallest of a 1-d tensor (1-based), as a 0-d tensor: bracketed when the tensor is large."
+    got = _bracketed_kth(scores, k) if scores.numel() >= _DIRECT else None
+    return _kth_direct(scores, k) if got is None else got[0]
+
+
+_NUMPY_SCORES = (torch.float32, torch.float64)
+
+
+def _sample_bracket(k: int, n: int, m: int) -> tuple[int, int]:
+    "Ranks in a sample of m (of n scores) that bracket the k-th smallest: 4 standard deviations either side."
+    p = k / n
+    rank, spread = p * m, 4 * math.sqrt(m * p * (1 - p)) + 2
+    return math.floor(rank - spread), math.ceil(rank + spread)
+
+
+def _nth(a: np.ndarray, r: int):
+    "The r-th smallest (0-based) of a 1-d array: torch's kthvalue, which many equal scores (zeros) do not slow as they do np.partition."
+    return torch.from_numpy(a).kthvalue(r + 1).values.item()
+
+
+def _lowest_k_numpy(x: np.ndarray, k: int) -> np.ndarray:
+    "`lowest_k` for 0 < k < n over a 1-d numpy array: a bracket from a fixed sample, then a few SIMD passes."
+    n, t, inside, vals, n_lo = x.size, None, None, None, 0
+    if n >= _DIRECT_CPU:
+        # the sample that balances its own cost against the scores left inside the bracket grows as n^(2/3)
+        m = min(_SAMPLE, max(16, int((4 * n) ** (2 / 3))))
+        sample = x[_sample_positions(n, m, torch.device('cpu')).numpy()]
+        lo_r, hi_r = _sample_bracket(k, n, m)
+        lo = _nth(sample, lo_r) if lo_r >= 0 else -np.inf
+        hi = _nth(sample, hi_r) if hi_r < m else np.inf
+        n_lo = int(np.count_nonzero(x < lo))
+        if n_lo < k:
+            inside = np.flatnonzero((x >= lo) & (x <= hi))
+            if n_lo + inside.size >= k:
+                vals = x[inside]
+                t = _nth(vals, k - n_lo - 1)
+    if t is None:  # small, or the bracket missed: one partition over all scores
+        n_lo, inside, vals = 0, None, x
+        t = _nth(x, k - 1)
+    out = x <= t
+    if n_lo + np.count_nonzero(vals <= t) == k: return out
+    out = x < t  # ties straddle the k-th smallest: the lowest indices among the scores equal to t complete the count
+    ties = np.flatnonzero(vals == t) if inside is None else inside[vals == t]
+    out[ties[:k - n_lo - int(np.count_nonzero(vals < t))]] = True
+    return out
+
+
+def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of exactly the `k` lowest of a 1-d tensor; among equal scores the lower index goes first.
+    It reads the counts it needs back to the host (masks change only at recomputes, never per step)."""
+    n = scores.numel()
+    if k <= 0: return torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if k >= n: return torch.ones(n, dtype=torch.bool, device=scores.device)
+    if scores.device.type == 'cpu' and scores.dtype in _NUMPY_SCORES:
+        return torch.from_numpy(_lowest_k_numpy(scores.detach().contiguous().numpy(), k))
+    return _lowest_k_bracketed(scores, k)

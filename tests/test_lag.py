@@ -1,0 +1,90 @@
+"""Gradual means gradual: after every training step the weights hold the target within `max_lag` of the schedule's
+span, for every schedule, and the epoch lines stay exact without a large catch-up at an epoch's last step."""
+import pytest, torch
+from fastai.callback.core import Callback
+from conftest import small_learner, small_dls, fit_capture, epoch_lines, conv_sparsity
+import fasterai_sched as fs
+from fasterai_sched import SparsifyCallback
+
+SCHEDULES = ['one_shot', 'iterative', 'agp', 'one_cycle', 'cos', 'lin', 'dsd']
+N_EPOCH, START, END = 4, 1, 3
+
+
+class AfterEveryStep(Callback):
+    "After each training step (masks applied): the convolutions' sparsity measured from the weights, and the masks'."
+    order = 100
+
+    def before_fit(self): self.measured, self.masked = [], []
+
+    def after_step(self):
+        self.measured.append(conv_sparsity(self.learn.model))
+        self.masked.append(next(cb for cb in self.learn.cbs if isinstance(cb, SparsifyCallback)).sparsifier.masked_sparsity())
+
+
+def n_weights(learn): return sum(m.weight.numel() for m in learn.model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def run(schedule, sparsity=80, start_sparsity=0, **kw):
+    learn = small_learner()
+    learn.dls = small_dls(n=160, bs=20)  # 6 training steps per epoch
+    cb = SparsifyCallback(sparsity=sparsity, start_sparsity=start_sparsity, schedule=getattr(fs, schedule),
+                          start_epoch=START, end_epoch=END, **kw)
+    probe = AfterEveryStep()
+    text = fit_capture(learn, N_EPOCH, [cb, probe])
+    return learn, cb, probe, epoch_lines(text)
+
+
+@pytest.mark.parametrize('schedule', SCHEDULES)
+@pytest.mark.parametrize('max_lag', [0.02, 0.1])
+def test_weights_hold_the_target_within_max_lag_after_every_step(schedule, max_lag):
+    learn, cb, probe, lines = run(schedule, start_sparsity=10, max_lag=max_lag)
+    measured, n_iter = probe.measured, len(learn.dls.train)
+    assert n_iter == 6 and len(measured) == N_EPOCH * n_iter
+    bound = max_lag * (80 - 10) + 100 * 3 / n_weights(learn)  # + each of the 3 layers' count rounding down
+    targets = [cb._target(step) for step in range(1, len(measured) + 1)]
+    assert max(abs(m - t) for m, t in zip(probe.masked, targets)) <= bound  # the masks follow the target
+    # the weights hold what the masks zero; where the target falls (dsd's second half) regrown weights restart at
+    # zero and leave it as they train, so there the weights may hold more zeros than the masks
+    assert all(m >= z - 1e-9 for m, z in zip(measured, probe.masked))
+    peak = len(targets) if schedule != 'dsd' else targets.index(max(targets)) + 1  # the steps before any fall
+    assert max(abs(m - t) for m, t in zip(measured[:peak], targets[:peak])) <= bound, schedule
+    per_layer_floor = 100 * 3 / n_weights(learn)
+    # the epoch lines are exact: each equals the target at the epoch's end, and the weights hold it
+    for e, line in enumerate(lines):
+        assert line == pytest.approx(measured[(e + 1) * n_iter - 1], abs=0.005)
+        if (e + 1) * n_iter <= peak:  # after dsd's peak the weights hold regrown zeros too (checked above)
+            assert line == pytest.approx(cb._target((e + 1) * n_iter), abs=per_layer_floor + 0.005)
+
+
+@pytest.mark.parametrize('schedule', ['agp', 'cos', 'lin', 'one_cycle'])
+def test_no_large_catch_up_at_an_epochs_last_step(schedule):
+    "The last step of an epoch moves the masks by at most max_lag of the span: they were following already."
+    learn, cb, probe, _ = run(schedule, max_lag=0.02)
+    measured, n_iter = probe.measured, len(learn.dls.train)
+    for e in range(N_EPOCH):
+        last = (e + 1) * n_iter - 1
+        if last == 0: continue
+        move = abs(measured[last] - measured[last - 1])
+        target_move = abs(cb._target(last + 1) - cb._target(last))
+        assert move <= target_move + 0.02 * 80 + 0.01, (schedule, e, move)
+
+
+def test_the_bound_holds_with_many_steps_per_epoch_too():
+    "Large data sets alike: 45 steps per epoch, agp, the default max_lag, and far fewer recomputes than steps."
+    from unittest import mock
+    import fasterai_sched.sparsifier as S
+    learn = small_learner()
+    learn.dls = small_dls(n=1200, bs=20)
+    cb, probe = SparsifyCallback(sparsity=90, schedule=fs.agp, start_epoch=0), AfterEveryStep()
+    calls, prune = [], S.Sparsifier.prune
+    def counting(self, *a, **k): calls.append(1); return prune(self, *a, **k)
+    with mock.patch.object(S.Sparsifier, 'prune', counting): fit_capture(learn, 2, [cb, probe])
+    lags = [abs(m - cb._target(s)) for s, m in enumerate(probe.measured, 1)]
+    assert max(lags) <= 0.02 * 90 + 0.01
+    assert len(calls) <= 0.5 * len(probe.measured)  # each recompute covers 2% of the span, not one step
+
+
+@pytest.mark.parametrize('bad', [-0.1, 1.5, float('nan'), True, '0.02'])
+def test_bad_max_lag(bad):
+    with pytest.raises(ValueError, match=r"max_lag=.* must be a share of the schedule's span in \[0, 1\]"):
+        SparsifyCallback(sparsity=90, max_lag=bad)
