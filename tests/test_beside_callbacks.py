@@ -126,3 +126,14 @@ def test_early_stopping_and_save_model_together(tmp_path):
     best = torch.load(tmp_path / 'models' / 'model.pth', map_location='cpu')
     for k, v in learn.model.state_dict().items(): assert torch.equal(v, best[k]), k
     assert f"Final Sparsity: {lines[0]:.2f}%" in text
+
+
+def test_reset_end_rewinds_the_model_save_model_callback_hands_back(tmp_path):
+    learn = epoch_metric_learner(tmp_path)
+    cb = SparsifyCallback(sparsity=80, schedule=agp, reset_end=True)
+    fit_capture(learn, 4, [cb, SaveModelCallback(monitor='epoch_n', comp=lambda a, b: a < 2 and a > b)])  # best: 1
+    best = torch.load(tmp_path / 'models' / 'model.pth', map_location='cpu')
+    for n, m in cb.sparsifier.layers.items():
+        zero = best[f'{n}.weight'] == 0
+        assert zero.any() and torch.equal(m.weight == 0, zero | (cb.sparsifier.rewind_weights[n] == 0)), n
+        assert torch.equal(m.weight[~zero], cb.sparsifier.rewind_weights[n][~zero]), n  # best's masks, rewound
