@@ -140,3 +140,10 @@ def test_prunable_layers_lists_what_a_sparsifier_prunes():
     assert list(prunable_layers(torch.compile(net, backend='eager'), nn.Conv2d)) == ['0', '2']
     assert prunable_layers(net, nn.Linear) == {}
     with pytest.raises(ValueError, match="computes its weight"): prunable_layers(wrapped_net('spectral_norm'), nn.Conv2d)
+
+
+def test_the_report_on_a_lazy_layer_says_so():
+    net = nn.Sequential(nn.LazyConv2d(8, 3))
+    with pytest.raises(ValueError, match=r"layer '0' \(LazyConv2d\) is lazy and has no weight yet"): sparsity_report(net)
+    net(torch.randn(1, 3, 8, 8))
+    assert sparsity_report(net, verbose=False)[-1].zeros == 0
