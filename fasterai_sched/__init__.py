@@ -4,14 +4,17 @@ import warnings as _warnings
 with _warnings.catch_warnings():
     # fastai's import calls torch.jit.script, which recent PyTorch flags as deprecated: nothing a user can act on
     _warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
-    from .granularity import register_granularity, granularity_names
+    from .granularity import register_granularity, granularity_names, Granularities
     from .criteria import *
     from .criteria import __all__ as _criteria_all
-    from .schedules import one_shot, iterative, agp, one_cycle, cos, lin, dsd, plot_schedules
+    from .schedules import (one_shot, iterative, agp, one_cycle, cos, lin, dsd, plot_schedules, Schedule, sched_oneshot,
+                            sched_iterative, sched_agp, sched_onecycle, sched_dsd, schedules, available_schedules)
     from .sparsifier import Sparsifier
     from .report import sparsity_report
     from .callback import SparsifyCallback
 
 __all__ = ['Sparsifier', 'SparsifyCallback', 'sparsity_report', 'register_granularity', 'granularity_names',
-           'one_shot', 'iterative', 'agp', 'one_cycle', 'cos', 'lin', 'dsd', 'plot_schedules',
-           *[n for n in _criteria_all if n != 'CRITERIA']]
+           'Granularities', 'one_shot', 'iterative', 'agp', 'one_cycle', 'cos', 'lin', 'dsd', 'plot_schedules',
+           'Schedule', 'sched_oneshot', 'sched_iterative', 'sched_agp', 'sched_onecycle', 'sched_dsd', 'schedules',
+           'available_schedules',
+           *[n for n in _criteria_all if n not in ('CRITERIA', 'DEFAULT_REDUCTION')]]

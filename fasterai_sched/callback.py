@@ -1,8 +1,10 @@
 """SparsifyCallback: fastai events -> training progress -> target sparsity -> Sparsifier."""
 from __future__ import annotations
+import math
+from fractions import Fraction
 from numbers import Real
 from pathlib import Path
-import json, math, sys, uuid, warnings
+import json, sys, uuid, warnings
 from typing import Callable
 import torch, torch.nn as nn
 from fastai.callback.core import Callback
@@ -13,8 +15,8 @@ from fastai.torch_core import rank_distrib
 from fastcore.basics import store_attr
 from .criteria import Criteria, large_final
 from .granularity import get_granularity
-from .schedules import one_shot
-from .sparsifier import Sparsifier, check_sparsity, n_to_prune, prunable_layers, unwrap_model
+from .schedules import one_shot, schedule_window, window_target
+from .sparsifier import Sparsifier, check_sparsity, n_to_prune, prunable_layers, unwrap_model, warn_if_fraction
 from .report import sparsity_report
 
 __all__ = ['SparsifyCallback']
@@ -38,20 +40,29 @@ def _check_int(name: str, value, low: int = 0, allow_none: bool = False):
     return value
 
 
-def _check_options(model, lth, reset_end, save_tickets, verbose, seed, rewind_epoch, start_epoch, start_sparsity):
+def _check_options(model, lth, reset_end, save_tickets, verbose, seed, rewind_epoch, start_epoch, start_sparsity, nm=False):
     "Raise on a flag that is not a bool, or on an option that would be ignored in this combination."
-    for name, value in [('lth', lth), ('reset_end', reset_end), ('save_tickets', save_tickets), ('verbose', verbose)]:
+    for name, value in [('lth', lth), ('reset_end', reset_end), ('save_tickets', save_tickets), ('verbose', verbose),
+                        ('nm', nm)]:
         if not isinstance(value, bool): raise TypeError(f"{name}={value!r} must be True or False")
     if isinstance(seed, bool) or not isinstance(seed, int): raise TypeError(f"seed={seed!r} must be an integer")
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model={model!r} must be None (the learner's model) or an nn.Module")
-    if save_tickets and not lth: raise ValueError("save_tickets=True needs lth=True: a ticket is the rewound weights")
     if rewind_epoch and not (lth or reset_end):
         raise ValueError(f"rewind_epoch={rewind_epoch} has no effect without lth=True or reset_end=True")
+    if start_epoch is None: return  # the schedule's own window: checked in before_fit, where the fit's length is known
     first = start_epoch if start_sparsity == 0 else 0  # the epoch of the first mask change
     if lth and rewind_epoch > first:
         raise ValueError(f"with lth=True, rewind_epoch={rewind_epoch} must be <= {first}, the epoch pruning starts "
                          f"(start_epoch={start_epoch}, start_sparsity={start_sparsity}): earlier masks could not be rewound")
+
+
+def _nm_granularity(nm, granularity):
+    "fasterai's `nm=True` switch: the '2:4' granularity (pruning a group keeps its 2 best weights of 4)."
+    if not nm: return granularity
+    if granularity not in ('weight', '2:4'):
+        raise ValueError(f"nm=True means granularity='2:4'; it cannot be combined with granularity={granularity!r}")
+    return '2:4'
 
 
 class SparsifyCallback(Callback):
@@ -70,35 +81,48 @@ class SparsifyCallback(Callback):
 
     def __init__(self, sparsity=_UNSET, granularity: str = 'weight', context: str = 'local',
                  criteria: Criteria = large_final, schedule: Callable = _UNSET, start_sparsity: float = 0,
-                 start_epoch: int = 0, end_epoch: int | None = None, lth: bool = False, rewind_epoch: int = 0,
+                 start_epoch: int | None = None, end_epoch: int | None = None, lth: bool = False, rewind_epoch: int = 0,
                  reset_end: bool = False, save_tickets: bool = False, model: nn.Module | None = None,
                  round_to: int | None = None, layer_type: type = nn.Conv2d, verbose: bool = True,
                  max_lag: float = MAX_LAG, frequency: int | None = None, seed: int = 0, end_sparsity=_UNSET,
-                 sched_func=_UNSET):
+                 sched_func=_UNSET, nm: bool = False):
         sparsity = _pick('sparsity', sparsity, 'end_sparsity', end_sparsity, _UNSET)
         if sparsity is _UNSET: raise TypeError("SparsifyCallback needs sparsity (or end_sparsity), a percent such as 90")
         schedule = _pick('schedule', schedule, 'sched_func', sched_func, one_shot)
         # any numbers.Real (Fraction, numpy scalars) is kept as a float: it formats and computes as the user meant
-        if isinstance(sparsity, dict):
+        if isinstance(sparsity, (list, tuple)):  # fasterai's per-layer list, in the order of the model's layers
+            if context != 'local': raise ValueError(f"sparsity as a list needs context='local', got context={context!r}")
+            sparsity = [check_sparsity(v, f"sparsity[{i}]") for i, v in enumerate(sparsity)]
+        elif isinstance(sparsity, dict):
             if context != 'local': raise ValueError(f"sparsity as a dict needs context='local', got context={context!r}")
             sparsity = {k: check_sparsity(v, f"sparsity[{k!r}]") for k, v in sparsity.items()}
         else: sparsity = check_sparsity(sparsity)
         given_start, start_sparsity = start_sparsity, check_sparsity(start_sparsity, 'start_sparsity')
-        if not callable(schedule): raise TypeError(f"schedule={schedule!r} must be a function f(start, end, pos)")
+        if isinstance(schedule, (list, tuple)): schedule_window(schedule)  # raises on a list that does not compose
+        elif not callable(schedule): raise TypeError(f"schedule={schedule!r} must be a function f(start, end, pos)")
+        granularity = _nm_granularity(nm, granularity)
         # fail on a bad criteria, layer_type or round_to now, not once training has started
         Sparsifier.check_args(context, criteria, layer_type, round_to)
         get_granularity(granularity, layer_type)  # raises on an unknown name, listing the valid ones
-        _check_int('start_epoch', start_epoch); _check_int('end_epoch', end_epoch, 1, allow_none=True)
+        _check_int('start_epoch', start_epoch, allow_none=True); _check_int('end_epoch', end_epoch, 1, allow_none=True)
         _check_int('rewind_epoch', rewind_epoch); _check_int('frequency', frequency, 1, allow_none=True)
         if isinstance(max_lag, bool) or not isinstance(max_lag, Real) or not 0 <= max_lag <= 1:
             raise ValueError(f"max_lag={max_lag!r} must be a share of the schedule's span in [0, 1] (0.02 lets the "
                              f"masks trail the target by at most 2% of start_sparsity -> sparsity)")
-        if end_epoch is not None and end_epoch <= start_epoch:
-            raise ValueError(f"end_epoch={end_epoch} must be after start_epoch={start_epoch}")
-        _check_options(model, lth, reset_end, save_tickets, verbose, seed, rewind_epoch, start_epoch, given_start)
+        if end_epoch is not None and end_epoch <= (start_epoch or 0):
+            raise ValueError(f"end_epoch={end_epoch} must be after start_epoch={start_epoch or 0}")
+        # given epochs win; with neither, the schedule's own window of training applies (fasterai's defaults)
+        own_window = start_epoch is None and end_epoch is None
+        _check_options(model, lth, reset_end, save_tickets, verbose, seed, rewind_epoch,
+                       None if own_window else (start_epoch or 0), given_start, nm)
+        pairs = (sparsity.items() if isinstance(sparsity, dict) else enumerate(sparsity) if isinstance(sparsity, list)
+                 else None)
+        for name, value in ([(f"sparsity[{k!r}]", v) for k, v in pairs] if pairs is not None else [('sparsity', sparsity)]):
+            warn_if_fraction(value, name)
         store_attr('sparsity,granularity,context,criteria,schedule,start_sparsity,start_epoch,end_epoch,lth,'
-                   'rewind_epoch,reset_end,save_tickets,round_to,layer_type,verbose,max_lag,frequency,seed')
+                   'rewind_epoch,reset_end,save_tickets,round_to,layer_type,verbose,max_lag,frequency,seed,nm')
         self.target_model, self.sparsifier, self.history, self._steps_in_epoch = model, None, [], 0
+        self._own_window, self.current_sparsity = own_window, start_sparsity
         self.active, self._pending, self._saw_epoch, self._unmasked, self._run, self._prints = False, False, False, False, None, {}
         self._nested = 0
 
@@ -107,11 +131,17 @@ class SparsifyCallback(Callback):
         if self.verbose and rank_distrib() == 0: print(*args)
 
     def _end_value(self) -> float:
+        if isinstance(self.sparsity, list): return max(self.sparsity, default=0)
         return self.sparsity if not isinstance(self.sparsity, dict) else max(self.sparsity.values(), default=0)
 
     def _target(self, step: int):
         "Target sparsity after `step` training steps of this fit (a number, or a dict per layer)."
-        k0, k1 = self.start_epoch * self.n_iter_fit, self._end_epoch * self.n_iter_fit
+        if self._own_window:  # the schedule's window, as a fraction of all the fit's steps
+            pct = step / (self.n_iter_fit * self._n_epoch)
+            if isinstance(self.sparsity, dict):
+                return {n: self._scheduled(self.start_sparsity, s, pct, True) for n, s in self.sparsity.items()}
+            return self._scheduled(self.start_sparsity, self.sparsity, pct, True)
+        k0, k1 = self._start_epoch * self.n_iter_fit, self._end_epoch * self.n_iter_fit
         if step <= k0:  # before the window: start_sparsity, whatever the schedule would say
             return {n: self.start_sparsity for n in self.sparsity} if isinstance(self.sparsity, dict) else self.start_sparsity
         pos = min(1., (step - k0) / (k1 - k0))
@@ -119,8 +149,12 @@ class SparsifyCallback(Callback):
             return {n: self._scheduled(self.start_sparsity, s, pos) for n, s in self.sparsity.items()}
         return self._scheduled(self.start_sparsity, self.sparsity, pos)
 
-    def _scheduled(self, start, end, pos) -> float:
-        try: value = self.schedule(start, end, pos)
+    def _scheduled(self, start, end, pos, own_window: bool = False) -> float:
+        "The schedule's value at `pos` of the epoch window, or at `pos` of training in the schedule's own window."
+        try:
+            if own_window: value = window_target(self.schedule, start, end, pos)
+            elif isinstance(self.schedule, (list, tuple)): value = window_target(self.schedule, start, end, pos)
+            else: value = self.schedule(start, end, pos)
         except TypeError as e:
             raise TypeError(f"schedule={getattr(self.schedule, '__name__', self.schedule)!r} failed when called as "
                             f"f(start, end, pos): {e}") from e
@@ -190,10 +224,12 @@ class SparsifyCallback(Callback):
         if pruned and not any(m.weight.requires_grad for m in pruned):
             self._print("Pruned layers are frozen in this fit: pruning waits for an unfrozen one")
             return
-        n_epoch = self.learn.n_epoch
-        if self.start_epoch >= n_epoch:
+        n_epoch = self._n_epoch = self.learn.n_epoch
+        self._start_epoch = self.start_epoch or 0
+        if self._start_epoch >= n_epoch:
             raise ValueError(f"start_epoch={self.start_epoch} is past the end of this fit of {n_epoch} epochs "
                              f"(allowed: 0 to {n_epoch - 1})")
+        if self._own_window: self._check_rewind_in_window(n_epoch)
         self._end_epoch = self.end_epoch or n_epoch
         if self._end_epoch > n_epoch:
             raise ValueError(f"end_epoch={self.end_epoch} is past the end of this fit of {n_epoch} epochs")
@@ -204,10 +240,13 @@ class SparsifyCallback(Callback):
         # each fit is a new pruning run, as with a fresh callback; only a resumed fit keeps this one's weight copies
         fresh = self.sparsifier is None or self.sparsifier.model is not model or not self._resume_at
         if fresh:
+            # activation criteria (wanda) calibrate on the learner's first training batches
+            data = self.learn.dls.train if getattr(self.criteria, 'needs_data', False) else None
             self.sparsifier = Sparsifier(model, self.granularity, self.context, self.criteria, self.layer_type,
-                                         self.round_to, self.seed)
+                                         self.round_to, self.seed, nm=self.nm, data=data)
         else: self.sparsifier.to()
         sp = self.sparsifier
+        if isinstance(self.sparsity, list): self.sparsity = sp._per_layer(self.sparsity)
         # masks always come from the zeros of the weights as they are now (a checkpoint may have been loaded); in a new
         # run, zeros it finds (a zero-initialised layer) were never pruned by it, so they are never re-initialised
         if not fresh or any((m.weight == 0).any() for m in sp.layers.values()):
@@ -220,6 +259,8 @@ class SparsifyCallback(Callback):
         finite = torch.stack([m.weight.isfinite().all() for m in sp.layers.values()]).tolist()
         bad = [n for n, ok in zip(sp.layers, finite) if not ok]
         if bad: raise ValueError(f"layer {bad[0]!r} has NaN or Inf weights: they cannot be ranked for pruning")
+        # a criteria's NaN or Inf scores raise now, before training changes any weight (pruning may start late in the fit)
+        if not (sp.criteria.needs_grad or getattr(sp.criteria, 'needs_data', False)): sp.scores()
         for i in range(101): self._target_probe(i / 100)
         self.n_iter_fit = len(self.learn.dls.train)
         self._current = self._counts_now()
@@ -229,6 +270,22 @@ class SparsifyCallback(Callback):
         self._mark_weights()
         self.active, self._trained = True, False
         self._print(f"Pruning of {self.granularity} until a sparsity of {self._fmt(self._end_value())}%")
+
+    def _check_rewind_in_window(self, n_epoch: int):
+        "With the schedule's own window, lth's rewind epoch must not come after the epoch where masks first change."
+        if not self.lth or not self.rewind_epoch: return
+        n_iter = len(self.learn.dls.train)
+        total = n_epoch * n_iter
+        p0 = schedule_window(self.schedule)[0] if self.start_sparsity == 0 else 0
+        first = max(1, math.ceil(Fraction(p0).limit_denominator(10 ** 9) * total))  # the first step inside the window
+        end = self._end_value()
+        if first < total and window_target(self.schedule, self.start_sparsity, end, first / total) == self.start_sparsity:
+            first += 1  # the window opens at the schedule's start value: the masks change one step later
+        first_epoch = (first - 1) // n_iter
+        if self.rewind_epoch > first_epoch:
+            raise ValueError(f"with lth=True, rewind_epoch={self.rewind_epoch} must be <= {first_epoch}, the epoch in "
+                             f"which {getattr(self.schedule, '__name__', 'the schedule')}'s window (from {p0:g} of "
+                             f"training) starts pruning in this fit of {n_epoch} epochs: earlier masks could not be rewound")
 
     def _target_probe(self, pos: float):
         if isinstance(self.sparsity, dict):
@@ -382,6 +439,7 @@ class SparsifyCallback(Callback):
         step = self.epoch * self.n_iter_fit + self.iter + 1
         self._stepped, self._unmasked = step, True  # the optimizer step that follows is unmasked until after_step
         target = self._target(step)
+        self.current_sparsity = target
         counts = self._counts(target)
         if counts != self._current and self._due(step, counts, target):
             self._update_masks(target, counts)
@@ -443,12 +501,18 @@ class SparsifyCallback(Callback):
         self._current, self._mask_target = counts, target
         if self.lth and sp.rewind_weights:
             sp.rewind()
-            if self.save_tickets: self._save_ticket(target)
+            self._print(f"Resetting Weights to their epoch {self.rewind_epoch} values")
+        if self.save_tickets:
+            self._print("Saving Intermediate Ticket")
+            self._save_ticket(target)
 
-    def _save_ticket(self, target):
+    def _save_ticket(self, target, final: bool = False):
+        "Save the model's weights (with lth, the rewound ticket), its sparsity in the file name."
+        if rank_distrib() != 0: return
         d = self._save_dir(); d.mkdir(parents=True, exist_ok=True)
         value = target if not isinstance(target, dict) else max(target.values(), default=0)
-        if rank_distrib() == 0: torch.save(self.sparsifier.model.state_dict(), d / f"ticket_sparsity_{value:06.2f}.pth")
+        name = f"ticket_{'final_' if final else ''}sparsity_{value:06.2f}.pth"
+        torch.save(self.sparsifier.model.state_dict(), d / name)
 
     def after_step(self):
         if not (self.active and self.training): return
@@ -499,6 +563,9 @@ class SparsifyCallback(Callback):
         if self._weights_replaced(): sp.masks_from_weights()
         if self.reset_end and sp.rewind_weights: sp.rewind()
         self.final_sparsity = sp.sparsity()
+        if self.save_tickets:
+            self._print("Saving Final Ticket")
+            self._save_ticket(self.final_sparsity, final=True)
         self._print(f"Final Sparsity: {self.final_sparsity:.2f}%")
         if self.verbose and rank_distrib() == 0: sparsity_report(sp.model, self.layer_type)
 

@@ -1,6 +1,6 @@
 """Sparsifier: scores -> exact-count selection (local or global) -> boolean masks -> applied to the weights."""
 from __future__ import annotations
-import math
+import math, warnings
 from fractions import Fraction
 from numbers import Real
 import numpy as np
@@ -10,7 +10,7 @@ from .granularity import Granularity, NMGranularity, get_granularity
 from .criteria import Criteria, CRITERIA, large_final
 from .selection import lowest_k
 
-__all__ = ['Sparsifier', 'lowest_k', 'n_to_prune', 'check_sparsity', 'unwrap_model', 'prunable_layers']
+__all__ = ['Sparsifier', 'lowest_k', 'n_to_prune', 'check_sparsity', 'unwrap_model', 'warn_if_fraction', 'prunable_layers']
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -67,6 +67,14 @@ def check_sparsity(value, name: str = 'sparsity') -> float:
     return float(value)
 
 
+def warn_if_fraction(value, name: str = 'sparsity') -> None:
+    "Warn when a sparsity is in (0, 1): here it is a percent, where fasterai 0.4.1 reads a fraction."
+    if isinstance(value, Real) and not isinstance(value, bool) and 0 < value < 1:
+        warnings.warn(f"{name}={value!r} is a percent here: it prunes {value:g}% of the weights. Did you mean "
+                      f"{value * 100:g}%? (fasterai 0.4.1 reads {value!r} as a fraction; pass {value * 100:g})",
+                      UserWarning, stacklevel=3)
+
+
 def n_to_prune(sparsity: float, n: int) -> int:
     "Exactly floor(sparsity/100 * n), computed without floating-point error."
     return math.floor(Fraction(sparsity) * n / 100)
@@ -114,14 +122,26 @@ class Sparsifier:
     "Prunes the `layer_type` layers of `model` to exact sparsities and keeps pruned weights at zero."
     def __init__(self, model: nn.Module, granularity: str | Granularity = 'weight', context: str = 'local',
                  criteria: Criteria | str = large_final, layer_type: type = nn.Conv2d, round_to: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, nm: bool = False, data=None):
         if not isinstance(model, nn.Module): raise TypeError(f"model={model!r} must be an nn.Module")
+        if isinstance(layer_type, bool):  # fasterai's positional order: (model, granularity, context, criteria, nm, ...)
+            nm, layer_type = layer_type, (round_to if isinstance(round_to, type) else nn.Conv2d)
+            if isinstance(round_to, type): round_to = None
         if isinstance(seed, bool) or not isinstance(seed, int): raise TypeError(f"seed={seed!r} must be an integer")
+        if not isinstance(nm, bool): raise TypeError(f"nm={nm!r} must be True or False")
+        if nm:
+            if granularity not in ('weight', '2:4'):
+                raise ValueError(f"nm=True means granularity='2:4'; it cannot be combined with granularity={granularity!r}")
+            granularity = '2:4'
         criteria = self.check_args(context, criteria, layer_type, round_to)
+        if getattr(criteria, 'needs_data', False) and data is None:
+            raise ValueError(f"criteria {criteria.name} weighs weights by activations: pass data= (a batch, a list of "
+                             "batches or a DataLoader) to calibrate on")
         self.model, self.context, self.criteria, self.round_to, self.seed = unwrap_model(model), context, criteria, round_to, seed
         self.layers = prunable_layers(self.model, layer_type)
         if not self.layers:
             raise ValueError(f"layer_type={layer_type.__name__}: the model has no such layer with a weight to prune")
+        if nm: self._drop_layers_without_groups()
         self.granularity = {n: get_granularity(granularity, type(m)) for n, m in self.layers.items()}
         for n, m in self.layers.items(): self.granularity[n].check(m.weight, n)
         self.granularity_name = next(iter(self.granularity.values())).name
@@ -137,7 +157,25 @@ class Sparsifier:
         self._targets: tuple[list, list] = ([], [])
         self._masked_pct = 0.
         self._found: dict[str, torch.Tensor] = {}  # units found at zero by masks_from_weights that this run never pruned
+        self.layer_type = layer_type
         if criteria.reference: self.save_reference()
+        self.activation_scale: dict[str, torch.Tensor] = {}
+        if getattr(criteria, 'needs_data', False): self.calibrate(data)
+
+    def calibrate(self, data, n_batches: int = 5) -> None:
+        "Measure each pruned layer's per-input-channel activations on `data` (first `n_batches`), for activation criteria."
+        from .criteria import activation_scales
+        scales = activation_scales(self.model, data, self.layer_type, n_batches, self.criteria.data_fn)
+        self.activation_scale = {n: scales[m] for n, m in self.layers.items() if m in scales}
+
+    def _drop_layers_without_groups(self) -> None:
+        "With nm=True (fasterai's switch), layers whose inputs do not split into groups of 4 are left dense, as fasterai does."
+        skipped = []
+        for n, m in list(self.layers.items()):
+            try: get_granularity('2:4', type(m)).check(m.weight, n)
+            except ValueError: skipped.append(n); del self.layers[n]
+        if skipped: warnings.warn(f"nm=True: layers {skipped} have inputs that are not a multiple of 4; they stay dense")
+        if not self.layers: raise ValueError("nm=True: no layer has inputs that split into groups of 4")
 
     @staticmethod
     def check_args(context: str = 'local', criteria: Criteria | str = large_final, layer_type: type = nn.Conv2d,
@@ -194,10 +232,10 @@ class Sparsifier:
             gen = None
             if self.criteria.seeded:  # the same draws on every process and every call: masks nest as sparsity grows
                 gen = torch.Generator(device=m.weight.device).manual_seed(_seed(self.seed, i))
-            if self.criteria.needs_grad and m.weight.grad is None:
+            if self.criteria.needs_grad and m.weight.grad is None and not getattr(self.criteria, 'grad_optional', False):
                 why = "it is frozen (requires_grad=False)" if not m.weight.requires_grad else "prune after a backward pass"
                 raise RuntimeError(f"criteria {self.criteria.name} needs gradients, and layer {n!r} has none: {why}")
-            out[n] = self.criteria(m.weight, self.reference.get(n), m.weight.grad, gen)
+            out[n] = self.criteria(m.weight, self.reference.get(n), m.weight.grad, gen, self.activation_scale.get(n))
             if out[n].shape != m.weight.shape:
                 raise ValueError(f"criteria {self.criteria.name} gave scores of shape {tuple(out[n].shape)} for layer {n!r}, "
                                  f"whose weight has shape {tuple(m.weight.shape)}: a criteria scores every weight")
@@ -245,7 +283,7 @@ class Sparsifier:
         Under an initialized torch.distributed group this is a collective: call it on every rank; all take rank 0's masks."""
         targets = self._targets_per_layer(sparsity)
         elem = self.scores()
-        units = {n: self.granularity[n].unit_scores(e) for n, e in elem.items()}
+        units = {n: self.criteria.unit_scores(e, self.granularity[n]) for n, e in elem.items()}
         pruned = self._select(units, targets)
         new = {}
         for n, m in self.layers.items():
@@ -258,6 +296,68 @@ class Sparsifier:
         self.sparsity_target = sparsity
         self._update_masked_pct()
         if self.criteria.reference == 'previous': self.save_reference()
+
+    # ---- fasterai's method names ----
+    def _layer_name(self, module: nn.Module) -> str:
+        for n, m in self.layers.items():
+            if m is module: return n
+        raise ValueError(f"module={type(module).__name__} is not one of the pruned {self.layer_type.__name__} layers "
+                         f"of this Sparsifier")
+
+    def _per_layer(self, sparsities) -> dict[str, float]:
+        "fasterai's per-layer list (one percent per pruned layer, in the model's order) as a dict by layer name."
+        sparsities = list(sparsities)
+        if len(sparsities) != len(self.layers):
+            raise ValueError(f"sparsity is a list of {len(sparsities)} percents, but the model has {len(self.layers)} "
+                             f"{self.layer_type.__name__} layers to prune: {list(self.layers)}")
+        return dict(zip(self.layers, sparsities))
+
+    def _named_targets(self, sparsity) -> float | dict:
+        "A sparsity list, or a dict keyed by modules (fasterai allows both), as a dict by layer name; a number as it is."
+        if isinstance(sparsity, (list, tuple)): return self._per_layer(sparsity)
+        if not isinstance(sparsity, dict): return sparsity
+        return {k if isinstance(k, str) else self._layer_name(k): v for k, v in sparsity.items()}
+
+    @torch.no_grad()
+    def sparsify_layer(self, module: nn.Module, sparsity: float, round_to: int | None = None) -> None:
+        "Prune one layer to exactly `sparsity` percent of its units (local to it); the other layers' masks stay."
+        name = self._layer_name(module)
+        check_sparsity(sparsity); warn_if_fraction(sparsity)
+        if round_to is not None: self.check_args(round_to=round_to)
+        elem = self.scores()[name]
+        units = self.criteria.unit_scores(elem, self.granularity[name])
+        saved = self.round_to
+        if round_to is not None: self.round_to = round_to
+        try: k = self._round(name, n_to_prune(sparsity, units.numel()), sparsity)
+        finally: self.round_to = saved
+        keep = ~lowest_k(units.flatten(), k).view(units.shape)
+        mask = self.granularity[name].weight_mask(keep, elem).to(module.weight.device)
+        (new,) = _from_rank0({**self.masks, name: mask})
+        self._set_masks(new)
+        self.n_pruned[name] = k
+        self._update_masked_pct()
+        if self.criteria.reference == 'previous': self.save_reference()
+
+    def sparsify_model(self, sparsity: float | dict, round_to: int | None = None) -> None:
+        "Prune every layer (or all together, in global context) to `sparsity` percent: a number or a dict per layer."
+        sparsity = self._named_targets(sparsity)
+        for k, v in (sparsity.items() if isinstance(sparsity, dict) else [('sparsity', sparsity)]):
+            warn_if_fraction(v, k if k == 'sparsity' else f"sparsity[{k!r}]")
+        if round_to is not None: self.check_args(round_to=round_to)
+        saved = self.round_to
+        if round_to is not None: self.round_to = round_to
+        try: self.prune(sparsity)
+        finally: self.round_to = saved
+
+    def print_sparsity(self) -> None:
+        "Print the sparsity report of the pruned layers, measured from the weights."
+        from .report import sparsity_report
+        sparsity_report(self.model, self.layer_type)
+
+    def save_model(self, path, model: nn.Module | None = None) -> None:
+        "Save `model` (default: the pruned one) with `torch.save`, its pruned weights at zero."
+        self.apply()
+        torch.save(unwrap_model(model) if model is not None else self.model, path)
 
     def _set_masks(self, new: dict[str, torch.Tensor], optimizer=None) -> None:
         "Install `new` masks; weights that come back restart at zero with fresh optimizer state."
@@ -317,6 +417,8 @@ class Sparsifier:
 
     def _output_mask(self, n: str, mask: torch.Tensor) -> torch.Tensor | None:
         "For a granularity whose units are whole output channels, the per-channel mask; else None."
+        # only layers whose weight layout is known: a registered custom layer (GPT-2's Conv1D stores (in, out)) is not
+        if not isinstance(self.layers[n], (nn.Linear, nn.modules.conv._ConvNd)): return None
         out_dim = 1 if type(self.layers[n]).__name__.startswith('ConvTranspose') else 0
         # decided by the granularity, not the mask's shape: a (1, 1, 1, 1) 'channel' or 'weight' mask is no filter
         if mask.dim() < 2 or set(self.granularity[n].dims) != set(range(mask.dim())) - {out_dim}: return None

@@ -45,7 +45,7 @@ def test_save_model_callback_hands_back_best_as_saved(tmp_path):
 def test_save_model_callback_best_in_the_middle(tmp_path):
     learn = epoch_metric_learner(tmp_path)
     # comp picks the epoch whose number is largest but under 2: the best is epoch 1, with agp's epoch-1 masks
-    text = fit_capture(learn, 4, [SparsifyCallback(sparsity=80, schedule=agp),
+    text = fit_capture(learn, 4, [SparsifyCallback(sparsity=80, schedule=agp, start_epoch=0),
                                   SaveModelCallback(monitor='epoch_n', comp=lambda a, b: a < 2 and a > b)])
     best = torch.load(tmp_path / 'models' / 'model.pth', map_location='cpu')
     for k, v in learn.model.state_dict().items(): assert torch.equal(v, best[k]), k
@@ -95,7 +95,7 @@ def test_early_stopping_prints_the_stopped_epochs_line(tmp_path):
     learn = fast_learner(path=tmp_path)
     # comp=np.greater with a huge min_delta never sees an improvement after the first epoch: stops after epoch 1
     stop = EarlyStoppingCallback(monitor='valid_loss', comp=np.greater, min_delta=1e9, patience=0)
-    text = fit_capture(learn, 6, [SparsifyCallback(sparsity=60, schedule=agp), stop])
+    text = fit_capture(learn, 6, [SparsifyCallback(sparsity=60, schedule=agp, start_epoch=0), stop])
     assert epoch_lines(text) == expected(agp, 60, 6, learn)[:2]
     assert f"Final Sparsity: {epoch_lines(text)[-1]:.2f}%" in text
 
@@ -108,9 +108,9 @@ def test_lines_are_exact_beside_other_callbacks(tmp_path, other):
     if other == 'MixedPrecision': learn.to_fp16()  # on CPU, fastai 2.8 autocasts for 'cuda': float32 with a GradScaler
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        if other == 'ShowGraphCallback': learn.fit(3, 1e-3, cbs=[SparsifyCallback(sparsity=70, schedule=agp)] + cbs)
+        if other == 'ShowGraphCallback': learn.fit(3, 1e-3, cbs=[SparsifyCallback(sparsity=70, schedule=agp, start_epoch=0)] + cbs)
         else:
-            with learn.no_bar(): learn.fit(3, 1e-3, cbs=[SparsifyCallback(sparsity=70, schedule=agp)] + cbs)
+            with learn.no_bar(): learn.fit(3, 1e-3, cbs=[SparsifyCallback(sparsity=70, schedule=agp, start_epoch=0)] + cbs)
     assert epoch_lines(out.getvalue()) == expected(agp, 70, 3, learn)
     assert conv_sparsity(learn.model) == pytest.approx(70, abs=0.01)
     if other == 'CSVLogger': assert len((tmp_path / 'history.csv').read_text().splitlines()) == 4
@@ -119,7 +119,7 @@ def test_lines_are_exact_beside_other_callbacks(tmp_path, other):
 def test_early_stopping_and_save_model_together(tmp_path):
     learn = epoch_metric_learner(tmp_path)
     stop = EarlyStoppingCallback(monitor='valid_loss', comp=np.greater, min_delta=1e9, patience=0)  # stops after epoch 1
-    text = fit_capture(learn, 6, [SparsifyCallback(sparsity=60, schedule=agp), stop,
+    text = fit_capture(learn, 6, [SparsifyCallback(sparsity=60, schedule=agp, start_epoch=0), stop,
                                   SaveModelCallback(monitor='epoch_n', comp=np.less)])  # best: epoch 0
     lines = epoch_lines(text)
     assert lines == expected(agp, 60, 6, learn)[:2]  # the stopped epoch's line is its own, measured before the load

@@ -224,3 +224,15 @@ def test_export_and_load_learner_round_trip_a_pruned_learner(tmp_path, cb_in_lea
     if cb_in_learner:  # issue 11: the export carries the callback's arguments, none of a run's masks or weight copies
         cb = back.cbs.filter(lambda c: isinstance(c, SparsifyCallback))[0]
         assert cb.sparsifier is None and cb.history == [] and cb.sparsity == 80
+
+
+
+@pytest.mark.parametrize('schedule', [agp, partial(iterative, n_steps=3)], ids=['agp', 'iterative'])
+def test_resume_within_the_schedules_own_window(tmp_path, schedule):
+    "No start_epoch (issue 10): the window is the schedule's own, a share of the whole fit, and a resumed fit keeps it."
+    kw = dict(sparsity=80, schedule=schedule)
+    _, _, full = uninterrupted(tmp_path, **kw)
+    lines = epoch_lines(full)
+    assert lines[0] == 0 and lines[1] > 0 and lines[-1] == 80.0  # a fifth of 6 epochs: pruning starts in epoch 1
+    learn, cb, out, at_save = resumed(tmp_path, 'model_2', 3, **kw)
+    assert epoch_lines(out) == lines[3:]
