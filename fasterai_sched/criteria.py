@@ -61,11 +61,17 @@ _REDUCERS = {'sum': Reducer.sum, 'mean': Reducer.mean}
 _DATA_FNS = ('l2_norm', 'max', 'mean')
 
 
-def _combine(transform, output_fn, return_init):
-    "fasterai's form: `transform` is applied to the weights and to the reference, then combined."
-    if output_fn is not None: return lambda w, w0: output_fn(transform(w), transform(w0))
-    if return_init: return lambda w, w0: transform(w0)
-    return lambda w, w0: transform(w)
+class _Combined:
+    "fasterai's form: `transform` is applied to the weights and to the reference, then combined (a class: it pickles)."
+    def __init__(self, transform, output_fn, return_init):
+        self.transform, self.output_fn, self.return_init = transform, output_fn, return_init
+        self.__name__ = getattr(transform, '__name__', 'criteria')
+    def __call__(self, w, w0):
+        if self.output_fn is not None: return self.output_fn(self.transform(w), self.transform(w0))
+        return self.transform(w0 if self.return_init else w)
+
+
+def _combine(transform, output_fn, return_init): return _Combined(transform, output_fn, return_init)
 
 
 class Criteria:
@@ -129,6 +135,9 @@ class Criteria:
             out = self.f(w, None if grad is None else grad.detach().float())
         elif self.reference: out = self.f(w, reference.detach().float())
         else: out = self.f(w)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"criteria {self.name} returned {type(out).__name__}; it must return a tensor of scores "
+                            f"shaped like the weight")
         out = out.float()
         if scale is not None: out = out * _per_input(scale, weight)
         return out
@@ -232,6 +241,16 @@ def activation_scales(model: nn.Module, data, layer_type: type = nn.Conv2d, n_ba
 
 def _rand(w, g): return torch.rand(w.shape, generator=g, device=w.device)
 def _keep_small(x): return 1 / (1 + x)  # decreasing in x, non-negative and bounded
+# module-level functions, not lambdas, so that the named criteria pickle (learn.export, torch.save) with plain pickle
+def _small_final(w): return _keep_small(w.abs())
+def _large_init(w, w0): return w0.abs()
+def _small_init(w, w0): return _keep_small(w0.abs())
+def _large_init_large_final(w, w0): return torch.minimum(w.abs(), w0.abs())
+def _small_init_small_final(w, w0): return _keep_small(torch.maximum(w.abs(), w0.abs()))
+def _magnitude_increase(w, w0): return F.softplus(w.abs() - w0.abs())  # the order of |w| - |w0|, non-negative
+def _movement(w, w0): return (w - w0).abs()
+def _movmag(w, w0): return (w * (w - w0)).abs()
+def _taylor(w, g): return (w * g).abs()
 
 
 def _grad_score(w, g): return (w * g) ** 2 if g is not None else w ** 2
@@ -239,22 +258,19 @@ def _grad_score(w, g): return (w * g) ** 2 if g is not None else w ** 2
 
 random = Criteria(_rand, seeded=True, name='random')
 large_final = Criteria(torch.abs, name='large_final')
-small_final = Criteria(lambda w: _keep_small(w.abs()), name='small_final')
+small_final = Criteria(_small_final, name='small_final')
 squared_final = Criteria(torch.square, name='squared_final')
-large_init = Criteria(lambda w, w0: w0.abs(), reference='init', name='large_init')
-small_init = Criteria(lambda w, w0: _keep_small(w0.abs()), reference='init', name='small_init')
-large_init_large_final = Criteria(lambda w, w0: torch.minimum(w.abs(), w0.abs()), reference='init',
-                                  name='large_init_large_final')
-small_init_small_final = Criteria(lambda w, w0: _keep_small(torch.maximum(w.abs(), w0.abs())), reference='init',
-                                  name='small_init_small_final')
-# softplus keeps the order of |w| - |w0| while making the score non-negative
-magnitude_increase = Criteria(lambda w, w0: F.softplus(w.abs() - w0.abs()), reference='init', name='magnitude_increase')
-movement = Criteria(lambda w, w0: (w - w0).abs(), reference='init', name='movement')
-movmag = Criteria(lambda w, w0: (w * (w - w0)).abs(), reference='init', name='movmag')
-updating_magnitude_increase = Criteria(magnitude_increase.f, reference='previous', name='updating_magnitude_increase')
-updating_movement = Criteria(movement.f, reference='previous', name='updating_movement')
-updating_movmag = Criteria(movmag.f, reference='previous', name='updating_movmag')
-taylor = Criteria(lambda w, g: (w * g).abs(), needs_grad=True, name='taylor')
+large_init = Criteria(_large_init, reference='init', name='large_init')
+small_init = Criteria(_small_init, reference='init', name='small_init')
+large_init_large_final = Criteria(_large_init_large_final, reference='init', name='large_init_large_final')
+small_init_small_final = Criteria(_small_init_small_final, reference='init', name='small_init_small_final')
+magnitude_increase = Criteria(_magnitude_increase, reference='init', name='magnitude_increase')
+movement = Criteria(_movement, reference='init', name='movement')
+movmag = Criteria(_movmag, reference='init', name='movmag')
+updating_magnitude_increase = Criteria(_magnitude_increase, reference='previous', name='updating_magnitude_increase')
+updating_movement = Criteria(_movement, reference='previous', name='updating_movement')
+updating_movmag = Criteria(_movmag, reference='previous', name='updating_movmag')
+taylor = Criteria(_taylor, needs_grad=True, name='taylor')
 # fasterai's first-order Taylor criterion: (w·grad)², averaged over a unit; |w|² where no gradient was computed
 grad_crit = Criteria(_grad_score, needs_grad=True, name='grad_crit', reducer=Reducer.mean)
 grad_crit.grad_optional = True

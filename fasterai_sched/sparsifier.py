@@ -11,13 +11,52 @@ from .criteria import Criteria, CRITERIA, large_final
 from .selection import lowest_k
 from .structure import trace, channel_groups, following_norms, modules_run, _depthwise
 
-__all__ = ['Sparsifier', 'lowest_k', 'n_to_prune', 'check_sparsity', 'unwrap_model', 'warn_if_fraction']
+__all__ = ['Sparsifier', 'lowest_k', 'n_to_prune', 'check_sparsity', 'unwrap_model', 'warn_if_fraction', 'prunable_layers']
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    "The model inside a DistributedDataParallel or DataParallel wrapper."
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
-    return model
+    "The model inside DistributedDataParallel, DataParallel or `torch.compile` wrappers (it shares their parameters)."
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
+        elif isinstance(getattr(model, '_orig_mod', None), nn.Module): model = model._orig_mod  # torch.compile's
+        else: return model
+
+
+def _computed_weight(m: nn.Module) -> str | None:
+    "How `m.weight` is computed from other tensors (a parametrization, a pruning or norm hook), or None if it is stored."
+    from torch.nn.utils import parametrize
+    if parametrize.is_parametrized(m, 'weight'):
+        kinds = ', '.join(type(p).__name__ for p in m.parametrizations.weight)
+        return f"a parametrization ({kinds}); torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') stores it"
+    if 'weight' in m._parameters or 'weight' in m._buffers: return None
+    if hasattr(m, 'weight_mask') and hasattr(m, 'weight_orig'):
+        return "torch.nn.utils.prune (weight_orig * weight_mask); torch.nn.utils.prune.remove(layer, 'weight') stores it"
+    if hasattr(m, 'weight_g') and hasattr(m, 'weight_v'):
+        return "weight_norm's hook (weight_g, weight_v); torch.nn.utils.remove_weight_norm(layer) stores it"
+    if hasattr(m, 'weight_orig'):
+        return "spectral_norm's hook (weight_orig); torch.nn.utils.remove_spectral_norm(layer) stores it"
+    if 'weight' not in m.__dict__ and not hasattr(type(m), 'weight'): return None  # no weight at all
+    return "a hook or property"
+
+
+def prunable_layers(model: nn.Module, layer_type: type) -> dict[str, nn.Module]:
+    """The `layer_type` layers of `model` with a weight, by name; a weight shared by several layers (tied) is listed once,
+    under its first layer. Raises on a lazy layer not yet initialised and on a weight computed from other tensors."""
+    layers, seen = {}, set()
+    for n, m in unwrap_model(model).named_modules():
+        if not isinstance(m, layer_type): continue
+        how = _computed_weight(m)  # before reading m.weight: computing it may have effects (spectral_norm's power iteration)
+        if how is not None:
+            raise ValueError(f"layer {n!r} ({type(m).__name__}) computes its weight from other tensors through {how}: "
+                             f"zeroing the computed weight would prune nothing. Store the weight as a parameter first")
+        w = getattr(m, 'weight', None)
+        if not isinstance(w, torch.Tensor): continue
+        if isinstance(w, nn.parameter.UninitializedParameter):
+            raise ValueError(f"layer {n!r} ({type(m).__name__}) is lazy and has no weight yet: run one batch through the "
+                             f"model (model(x)) before pruning, so that its shape is known")
+        if id(w) in seen: continue  # tied: pruned once, with its first layer
+        seen.add(id(w)); layers[n] = m
+    return layers
 
 
 def check_sparsity(value, name: str = 'sparsity') -> float:
@@ -100,8 +139,7 @@ class Sparsifier:
             raise ValueError(f"criteria {criteria.name} weighs weights by activations: pass data= (a batch, a list of "
                              "batches or a DataLoader) to calibrate on")
         self.model, self.context, self.criteria, self.round_to, self.seed = unwrap_model(model), context, criteria, round_to, seed
-        self.layers = {n: m for n, m in self.model.named_modules()
-                       if isinstance(m, layer_type) and isinstance(getattr(m, 'weight', None), torch.Tensor)}
+        self.layers = prunable_layers(self.model, layer_type)
         if not self.layers:
             raise ValueError(f"layer_type={layer_type.__name__}: the model has no such layer with a weight to prune")
         if nm: self._drop_layers_without_groups()
@@ -121,6 +159,7 @@ class Sparsifier:
         elif self._whole_channels(): self._bn = self._norms(example_inputs)
         self._targets: tuple[list, list] = ([], [])
         self._masked_pct = 0.
+        self._found: dict[str, torch.Tensor] = {}  # units found at zero by masks_from_weights that this run never pruned
         self.layer_type = layer_type
         if criteria.reference: self.save_reference()
         self.activation_scale: dict[str, torch.Tensor] = {}
@@ -197,7 +236,13 @@ class Sparsifier:
             gen = None
             if self.criteria.seeded:  # the same draws on every process and every call: masks nest as sparsity grows
                 gen = torch.Generator(device=m.weight.device).manual_seed(_seed(self.seed, i))
+            if self.criteria.needs_grad and m.weight.grad is None and not getattr(self.criteria, 'grad_optional', False):
+                why = "it is frozen (requires_grad=False)" if not m.weight.requires_grad else "prune after a backward pass"
+                raise RuntimeError(f"criteria {self.criteria.name} needs gradients, and layer {n!r} has none: {why}")
             out[n] = self.criteria(m.weight, self.reference.get(n), m.weight.grad, gen, self.activation_scale.get(n))
+            if out[n].shape != m.weight.shape:
+                raise ValueError(f"criteria {self.criteria.name} gave scores of shape {tuple(out[n].shape)} for layer {n!r}, "
+                                 f"whose weight has shape {tuple(m.weight.shape)}: a criteria scores every weight")
         finite = torch.stack([torch.stack(torch.aminmax(s)) for s in out.values()]).isfinite().all(1).tolist()
         bad = [n for n, ok in zip(out, finite) if not ok]
         if bad: raise ValueError(f"criteria {self.criteria.name} gave NaN or Inf scores for layer {bad[0]!r}")
@@ -345,13 +390,14 @@ class Sparsifier:
         grew = torch.stack([r.any() for r in regrown.values()]).tolist() if regrown else []
         self.regrown = {n: r for (n, r), g in zip(regrown.items(), grew) if g}
         for n, where in self.regrown.items():
+            if n in self._found: where = where & ~self._found[n]  # found at zero, never pruned: only unmasked
             ch = self._output_mask(n, where)
             if ch is None: self.layers[n].weight.masked_fill_(where.expand_as(self.layers[n].weight), 0)
             else: self._restart_channels(n, where, ch)
             if optimizer is not None:
                 for p, w in [(self.layers[n].weight, where), *self._channel_params(n, where)]:
                     reset_optimizer_state(optimizer, p, w)
-        self.masks = new
+        self.masks, self._found = new, {}  # from now on every masked unit is one this run chose
         self._build_targets()
         self.apply()
 
@@ -413,8 +459,10 @@ class Sparsifier:
         else: torch._foreach_mul_(params, masks)
 
     @torch.no_grad()
-    def masks_from_weights(self) -> None:
-        "Rebuild masks from the weights (a unit whose weights are all zero is pruned), as after loading a pruned model."
+    def masks_from_weights(self, pruned: bool = True) -> None:
+        """Rebuild masks from the weights (a unit whose weights are all zero is pruned), as after loading a pruned model.
+        `pruned=False`: those zeros were not put there by this run (a zero-initialised layer), so a unit found at zero is
+        never re-initialised when it comes back, only unmasked."""
         if self.coupled: return self._group_masks_from_weights()
         new, counts = {}, {}
         for n, m in self.layers.items():
@@ -423,12 +471,33 @@ class Sparsifier:
             if isinstance(g, NMGranularity):
                 keep = g._groups(nonzero).sum(-1) > g.n
                 new[n] = nonzero
-            else: new[n] = keep
+            else: new[n] = keep = self._with_channel_params(n, keep)
             counts[n] = (~keep).sum()
         self.masks = {}
         self._set_masks(new)
+        if not pruned: self._found = {n: ~k & ~self._norm_zeroed(n, k) for n, k in new.items()}
         self.n_pruned = dict(zip(counts, torch.stack(list(counts.values())).tolist()))
         self._update_masked_pct()
+
+    def _norm_zeroed(self, n: str, keep: torch.Tensor) -> torch.Tensor:
+        """Units whose following normalisation channel is zeroed too (weight and bias): the mark this library's filter
+        pruning leaves, so such a filter found at zero was pruned, and restarts as a new filter when it comes back."""
+        m, none = self.layers[n], torch.zeros_like(keep)
+        bn = self._bn.get(m)
+        ch = self._output_mask(n, keep)
+        if ch is None or bn is None or not bn.affine or bn.num_features != ch.numel(): return none
+        zeroed = (bn.weight == 0) & (bn.bias == 0)
+        if type(m).__name__.startswith('ConvTranspose'): zeroed = zeroed.view(getattr(m, 'groups', 1), -1).all(0)
+        return zeroed.to(keep.device).view(keep.shape)
+
+    def _with_channel_params(self, n: str, keep: torch.Tensor) -> torch.Tensor:
+        "A whole filter counts as pruned only if its bias and normalisation channel are zero too, as pruning leaves them."
+        params = self._channel_params(n, keep)
+        if not params: return keep
+        nonzero = torch.stack([p != 0 for p, _ in params]).any(0)
+        m = self.layers[n]
+        if type(m).__name__.startswith('ConvTranspose'): nonzero = nonzero.view(getattr(m, 'groups', 1), -1).any(0)
+        return keep | nonzero.to(keep.device).view(keep.shape)
 
     def _update_masked_pct(self) -> None:
         "Percent of weights the masks zero, kept so that reading it costs no device sync."

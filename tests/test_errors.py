@@ -2,7 +2,7 @@
 import contextlib, re
 from pathlib import Path
 import pytest, torch, torch.nn as nn
-from fasterai_sched import SparsifyCallback, Sparsifier, Criteria, agp, Schedule, sched_agp, sched_dsd, wanda, large_init
+from fasterai_sched import SparsifyCallback, Sparsifier, Criteria, agp, Schedule, sched_agp, sched_dsd, wanda, large_init, taylor
 from issue6_helpers import fast_learner
 
 DOC = Path(__file__).parents[1] / 'docs' / 'errors.md'
@@ -95,6 +95,9 @@ ROWS = [
      "layer '0' has NaN or Inf weights: they cannot be ranked for pruning"),
     ('criteria', "learn.fit(2, cbs=SparsifyCallback(sparsity=50, criteria=nan_scores))", ValueError,
      "criteria nan_scores gave NaN or Inf scores for layer '0'"),
+    ('criteria', "frozen_learn.fit(2, cbs=SparsifyCallback(sparsity=50, criteria=taylor))", ValueError,
+     "criteria taylor scores weights by their gradients, but layer '0' is frozen (requires_grad=False) and gets none: "
+     "unfreeze it, or choose another criteria"),
     # Sparsifier(...) and its methods
     ('model', "Sparsifier('net')", TypeError, "model='net' must be an nn.Module"),
     ('granularity', "Sparsifier(net, granularity='rows')", ValueError, "granularity='rows' is not known for Conv2d; valid: ['channel'…"),
@@ -116,7 +119,17 @@ ROWS = [
     ('criteria', "Sparsifier(net, criteria=nan_scores).prune(50)", ValueError,
      "criteria nan_scores gave NaN or Inf scores for layer '0'"),
     ('criteria', "Sparsifier(net, criteria='taylor').prune(50)", RuntimeError,
-     "criteria taylor needs gradients; prune after a backward pass"),
+     "criteria taylor needs gradients, and layer '0' has none: prune after a backward pass"),
+    ('criteria', "Sparsifier(net, criteria=total).prune(50)", ValueError,
+     "criteria total gave scores of shape () for layer '0', whose weight has shape (8, 3, 3, 3): a criteria scores every "
+     "weight"),
+    ('model', "Sparsifier(nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 8, 3))))", ValueError,
+     "layer '0' (ParametrizedConv2d) computes its weight from other tensors through a parametrization (_WeightNorm); "
+     "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') stores it: zeroing the computed weight would "
+     "prune nothing. Store the weight as a parameter first"),
+    ('model', "Sparsifier(nn.Sequential(nn.LazyConv2d(8, 3)))", ValueError,
+     "layer '0' (LazyConv2d) is lazy and has no weight yet: run one batch through the model (model(x)) before pruning, "
+     "so that its shape is known"),
     ('(call order)', "Sparsifier(net).rewind()", RuntimeError, "rewind() before save_rewind(): no weights were kept"),
     # fasterai's forms (issue 10)
     ('sparsity', "SparsifyCallback(sparsity=[50, 150])", ValueError,
@@ -166,15 +179,19 @@ def namespace() -> dict:
     torch.manual_seed(0)
     nan_learn = fast_learner()
     with torch.no_grad(): nan_learn.model[0].weight[0, 0, 0, 0] = float('nan')
+    frozen_learn = fast_learner()
+    frozen_learn.model[0].requires_grad_(False)
     return dict(SparsifyCallback=SparsifyCallback, Sparsifier=Sparsifier, agp=agp, nn=nn, learn=fast_learner(),
                 Schedule=Schedule, sched_agp=sched_agp, sched_dsd=sched_dsd, wanda=wanda, Criteria=Criteria, torch=torch,
-                large_init=large_init,
+                large_init=large_init, taylor=taylor, frozen_learn=frozen_learn,
                 nan_learn=nan_learn, net=nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)),
-                nan_scores=Criteria(lambda w: w * float('nan'), name='nan_scores'))
+                nan_scores=Criteria(lambda w: w * float('nan'), name='nan_scores'),
+                total=Criteria(lambda w: w.abs().sum(), name='total'))
 
 
 def weights(ns: dict) -> dict:
-    models = {'learn': ns['learn'].model, 'nan_learn': ns['nan_learn'].model, 'net': ns['net']}
+    models = {'learn': ns['learn'].model, 'nan_learn': ns['nan_learn'].model, 'frozen_learn': ns['frozen_learn'].model,
+              'net': ns['net']}
     return {f"{k}.{n}": p.detach().clone() for k, m in models.items() for n, p in m.named_parameters()}
 
 
