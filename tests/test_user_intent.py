@@ -107,7 +107,8 @@ def test_a_dict_of_real_numbers():
 
 @pytest.mark.parametrize('pruned', [False, True])
 def test_masks_from_weights_says_whose_zeros_they_are(pruned):
-    sp = Sparsifier(fixup_net(), granularity='filter')
+    # the BatchNorm each filter feeds is found in the graph traced from example inputs (issue 12)
+    sp = Sparsifier(fixup_net(), granularity='filter', example_inputs=torch.randn(2, 8, 6, 6))
     zero = sp.layers['3'].weight
     sp.masks_from_weights(pruned=pruned)
     assert sp.n_pruned['3'] == 0  # its BatchNorm is at (1, 0): no pruning left these filters
