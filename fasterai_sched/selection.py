@@ -12,6 +12,7 @@ __all__ = ['lowest_k']
 _SAMPLE = 1 << 16  # scores drawn to bracket the k-th smallest (at most, on CPU)
 _DIRECT = 1 << 19  # below this many scores, bracketing saves nothing on CUDA
 _DIRECT_CPU = 1 << 15  # on CPU it pays from here
+_SORT_MAX = 1 << 17  # on CPU, numpy sorts up to this many scores to find a k-th smallest
 
 
 def _small_kth(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -93,34 +94,40 @@ def _sample_bracket(k: int, n: int, m: int) -> tuple[int, int]:
 
 
 def _nth(a: np.ndarray, r: int):
-    "The r-th smallest (0-based) of a 1-d array: torch's kthvalue, which many equal scores (zeros) do not slow as they do np.partition."
+    """The r-th smallest (0-based) of a 1-d array. numpy's SIMD sort for up to a few ten thousand scores (np.partition
+    slows down on many equal scores, such as the zeros of pruned weights, and torch.kthvalue is 5x slower there);
+    torch.kthvalue over more (only when a bracket missed)."""
+    if a.size <= _SORT_MAX: return np.sort(a)[r]
     return torch.from_numpy(a).kthvalue(r + 1).values.item()
 
 
-def _lowest_k_numpy(x: np.ndarray, k: int) -> np.ndarray:
-    "`lowest_k` for 0 < k < n over a 1-d numpy array: a bracket from a fixed sample, then a few SIMD passes."
-    n, t, inside, vals, n_lo = x.size, None, None, None, 0
+def _kth_numpy(x: np.ndarray, k: int):
+    """The k-th smallest (1-based) of a 1-d array. A bracket [lo, hi] from a fixed sample; the scores equal to lo
+    are counted, not gathered: after a recompute the k-th smallest often sits at the edge of a large block of equal
+    scores (the zeros of the weights pruned so far), which a bracket that gathered them would carry whole."""
+    n = x.size
     if n >= _DIRECT_CPU:
-        # the sample that balances its own cost against the scores left inside the bracket grows as n^(2/3)
-        m = min(_SAMPLE, max(16, int((4 * n) ** (2 / 3))))
-        sample = x[_sample_positions(n, m, torch.device('cpu')).numpy()]
+        # the sample that balances its own sort against the scores left inside the bracket grows as n^(2/3)
+        m = min(_SAMPLE, max(16, int((2 * n) ** (2 / 3))))
+        sample = np.sort(x[_sample_positions(n, m, torch.device('cpu')).numpy()])
         lo_r, hi_r = _sample_bracket(k, n, m)
-        lo = _nth(sample, lo_r) if lo_r >= 0 else -np.inf
-        hi = _nth(sample, hi_r) if hi_r < m else np.inf
-        n_lo = int(np.count_nonzero(x < lo))
-        if n_lo < k:
-            inside = np.flatnonzero((x >= lo) & (x <= hi))
-            if n_lo + inside.size >= k:
-                vals = x[inside]
-                t = _nth(vals, k - n_lo - 1)
-    if t is None:  # small, or the bracket missed: one partition over all scores
-        n_lo, inside, vals = 0, None, x
-        t = _nth(x, k - 1)
+        lo = sample[lo_r] if lo_r >= 0 else -np.inf
+        hi = sample[hi_r] if hi_r < m else np.inf
+        if np.count_nonzero(x < lo) < k:  # else the bracket missed low
+            n_le = int(np.count_nonzero(x <= lo))
+            if n_le >= k: return lo
+            inside = x[(x > lo) & (x <= hi)]
+            if n_le + inside.size >= k: return _nth(inside, k - n_le - 1)
+    return _nth(x, k - 1)  # small, or the bracket missed: the k-th smallest of all scores
+
+
+def _lowest_k_numpy(x: np.ndarray, k: int) -> np.ndarray:
+    "`lowest_k` for 0 < k < n over a 1-d numpy array: the k-th smallest, then one comparison (and the ties, if any)."
+    t = _kth_numpy(x, k)
     out = x <= t
-    if n_lo + np.count_nonzero(vals <= t) == k: return out
+    if np.count_nonzero(out) == k: return out
     out = x < t  # ties straddle the k-th smallest: the lowest indices among the scores equal to t complete the count
-    ties = np.flatnonzero(vals == t) if inside is None else inside[vals == t]
-    out[ties[:k - n_lo - int(np.count_nonzero(vals < t))]] = True
+    out[np.flatnonzero(x == t)[:k - int(np.count_nonzero(out))]] = True
     return out
 
 
