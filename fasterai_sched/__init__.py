@@ -11,7 +11,11 @@ with _warnings.catch_warnings():
     from .sparsifier import Sparsifier
     from .report import sparsity_report
     from .callback import SparsifyCallback
+    from .schedules import acdc
+    from .allocation import allocate, uniform, uniform_dense_first, erk, lamp
+    from .rigl import RigLCallback
 
 __all__ = ['Sparsifier', 'SparsifyCallback', 'sparsity_report', 'register_granularity', 'granularity_names',
            'one_shot', 'iterative', 'agp', 'one_cycle', 'cos', 'lin', 'dsd', 'plot_schedules',
-           *[n for n in _criteria_all if n != 'CRITERIA']]
+           *[n for n in _criteria_all if n != 'CRITERIA'],
+           'acdc', 'allocate', 'uniform', 'uniform_dense_first', 'erk', 'lamp', 'RigLCallback']

@@ -102,7 +102,12 @@ class SparsifyCallback(Callback):
         if self.verbose and rank_distrib() == 0: print(*args)
 
     def _end_value(self) -> float:
-        return self.sparsity if not isinstance(self.sparsity, dict) else max(self.sparsity.values(), default=0)
+        if not isinstance(self.sparsity, dict): return self.sparsity
+        sp = self.sparsifier
+        if sp is None: return max(self.sparsity.values(), default=0)
+        # per-layer targets (an allocation): the share of all pruned layers' weights they ask for
+        sizes = {n: m.weight.numel() for n, m in sp.layers.items()}
+        return round(sum(self.sparsity.get(n, 0) * k for n, k in sizes.items()) / sum(sizes.values()), 4)
 
     def _target(self, step: int):
         "Target sparsity after `step` training steps of this fit (a number, or a dict per layer)."

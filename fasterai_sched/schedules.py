@@ -4,7 +4,7 @@ import math
 from typing import Callable, Sequence
 from fastai.callback.schedule import sched_cos, sched_lin
 
-__all__ = ['one_shot', 'iterative', 'agp', 'one_cycle', 'cos', 'lin', 'dsd', 'SCHEDULES', 'plot_schedules']
+__all__ = ['one_shot', 'iterative', 'agp', 'one_cycle', 'cos', 'lin', 'dsd', 'acdc', 'SCHEDULES', 'plot_schedules']
 
 
 def one_shot(start: float, end: float, pos: float) -> float:
@@ -52,6 +52,26 @@ def dsd(start: float, end: float, pos: float) -> float:
 
 
 SCHEDULES = {f.__name__: f for f in [one_shot, iterative, agp, one_cycle, cos, lin, dsd]}
+
+
+def acdc(start: float, end: float, pos: float, n_cycles: int = 3, warmup: float = 0.1, final: float = 0.2) -> float:
+    """Alternating compressed / decompressed (Peste et al. 2021): `start` for the first `warmup` of the window, then
+    `n_cycles` times `end` (compressed) followed by `start` (decompressed) in equal phases, then `end` for the last
+    `final` of the window (compressed fine-tuning). Weights that come back restart at zero with fresh optimizer state."""
+    if isinstance(n_cycles, bool) or not isinstance(n_cycles, int) or n_cycles < 1:
+        raise ValueError(f"n_cycles={n_cycles!r} must be a positive integer")
+    for name, v in (('warmup', warmup), ('final', final)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise ValueError(f"{name}={v!r} must be a share of the window in [0, 1)")
+    if warmup + final >= 1: raise ValueError(f"warmup={warmup!r} + final={final!r} must leave room for the cycles (< 1)")
+    if pos <= 0: return float(start)
+    if pos >= 1 - final: return float(end)
+    if pos < warmup: return float(start)
+    phase = math.floor(round((pos - warmup) / (1 - warmup - final) * 2 * n_cycles, 9))
+    return float(end) if phase % 2 == 0 else float(start)
+
+
+SCHEDULES['acdc'] = acdc
 
 
 def _label(f) -> str:
