@@ -57,17 +57,17 @@ SCHEDULES = {f.__name__: f for f in [one_shot, iterative, agp, one_cycle, cos, l
 def acdc(start: float, end: float, pos: float, n_cycles: int = 3, warmup: float = 0.1, final: float = 0.2) -> float:
     """Alternating compressed / decompressed (Peste et al. 2021): `start` for the first `warmup` of the window, then
     `n_cycles` times `end` (compressed) followed by `start` (decompressed) in equal phases, then `end` for the last
-    `final` of the window (compressed fine-tuning). Weights that come back restart at zero with fresh optimizer state."""
+    `final` of the window (compressed fine-tuning); each phase includes its right end. Weights that come back restart at zero with fresh optimizer state."""
     if isinstance(n_cycles, bool) or not isinstance(n_cycles, int) or n_cycles < 1:
         raise ValueError(f"n_cycles={n_cycles!r} must be a positive integer")
     for name, v in (('warmup', warmup), ('final', final)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
             raise ValueError(f"{name}={v!r} must be a share of the window in [0, 1)")
     if warmup + final >= 1: raise ValueError(f"warmup={warmup!r} + final={final!r} must leave room for the cycles (< 1)")
-    if pos <= 0: return float(start)
-    if pos >= 1 - final: return float(end)
-    if pos < warmup: return float(start)
-    phase = math.floor(round((pos - warmup) / (1 - warmup - final) * 2 * n_cycles, 9))
+    # a phase holds its right end, so a phase that ends with an epoch holds that epoch's last step (its measured line)
+    if pos <= 0 or pos <= warmup: return float(start)
+    if pos >= 1 or pos > 1 - final: return float(end)
+    phase = math.ceil(round((pos - warmup) / (1 - warmup - final) * 2 * n_cycles, 9)) - 1
     return float(end) if phase % 2 == 0 else float(start)
 
 
