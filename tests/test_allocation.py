@@ -128,3 +128,21 @@ def test_agp_lamp_global_exact_count_and_no_layer_emptied():
     text = fit_capture(learn, 3, [cb])
     assert epoch_lines(text)[-1] == 98.0 and conv_sparsity(learn.model) == pytest.approx(98, abs=0.005)
     for r in sparsity_report(learn.model, verbose=False)[:-1]: assert r.zeros < r.params, r.layer
+
+
+@pytest.mark.parametrize('method', ['erk', 'lamp'])
+def test_agp_with_erk_or_lamp_resumes_from_a_checkpoint(tmp_path, method):
+    from fastai.callback.tracker import SaveModelCallback
+    from issue6_helpers import fast_learner
+    learn = fast_learner(path=tmp_path)
+    kw = (dict(sparsity=allocate(learn.model, 85, 'erk')) if method == 'erk'
+          else dict(sparsity=85, context='global', criteria=lamp))
+    kw.update(schedule=agp, start_epoch=1)
+    full = fit_capture(learn, 5, [SparsifyCallback(**kw), SaveModelCallback(every_epoch=True)])
+    resumed = fast_learner(seed=1, path=tmp_path)
+    resumed.load('model_2')
+    at_save = {n: (m.weight == 0).clone() for n, m in resumed.model.named_modules() if isinstance(m, nn.Conv2d)}
+    out = fit_capture(resumed, 5, [SparsifyCallback(**kw)], start_epoch=3)
+    assert epoch_lines(out) == epoch_lines(full)[3:] and epoch_lines(out)[-1] == 85.0
+    for n, m in resumed.model.named_modules():  # pruned at the save, still pruned
+        if isinstance(m, nn.Conv2d): assert (m.weight[at_save[n]] == 0).all(), n
