@@ -60,13 +60,16 @@ class RigLCallback(SparsifyCallback):
         for n, m in sp.layers.items():
             keep = sp.masks[n].expand_as(m.weight).flatten()
             n_keep = int(keep.count_nonzero())
-            k = math.floor(frac * n_keep)
+            g = grads[n].detach().flatten()
+            # a weight grown with a zero gradient would stay at zero, so the measured count would drift: grow only
+            # where the gradient moves the weight (it does for at least as many as were pruned before this update)
+            k = min(math.floor(frac * n_keep), int((~keep & (g != 0)).count_nonzero()))
             if k == 0 or n_keep == keep.numel(): new[n] = sp.masks[n]; continue
             inf = torch.tensor(math.inf, device=keep.device)
             dropped = lowest_k(torch.where(keep, m.weight.detach().abs().flatten().float(), inf), k)
             kept = keep & ~dropped
             # largest gradient first; dropped weights compete too (a weight dropped and grown keeps its value)
-            grown = lowest_k(torch.where(kept, inf, -grads[n].detach().abs().flatten().float()), k)
+            grown = lowest_k(torch.where(kept, inf, -g.abs().float()), k)
             new[n] = (kept | grown).view_as(m.weight)
             moved += int((new[n] & ~sp.masks[n]).count_nonzero())
         new, = _from_rank0(new)

@@ -152,3 +152,34 @@ def test_identical_masks_on_every_rank(tmp_path):
         assert res['ddp']['updates'] >= 3 and res['local']['updates'] >= 3
     # each rank's own gradients (and weights) would have picked other weights: the check can fail
     for case in ('local', 'lamp', 'acdc_erk'): assert any(r[case]['grads_differ'] for r in results), case
+
+
+class FewGradients(Callback):
+    "Before RigL's update: the gradient of layer '3' is zero except at `n` pruned positions."
+    order = 60
+    def __init__(self, cb, n): self.cb, self.n, self.where = cb, n, {}
+    def before_step(self):
+        sp = self.cb.sparsifier
+        if not sp.masks: return
+        w = sp.layers['3'].weight
+        pruned = (~sp.masks['3']).flatten().nonzero().squeeze(1)[:self.n]
+        keep_grad = torch.zeros(w.numel(), dtype=torch.bool); keep_grad[pruned] = True
+        w.grad.view(-1)[~keep_grad & ~sp.masks['3'].flatten()] = 0
+        self.where[self.epoch * self.n_iter + self.iter + 1] = keep_grad.view_as(w)
+
+
+def test_grows_only_where_the_gradient_moves_the_weight():
+    "With 5 pruned weights of a layer carrying a gradient, at most 5 move there, and the count stays exact."
+    learn = small_learner()
+    cb = RigLCallback(80, delta=2, stop=1.)
+    few, after = FewGradients(cb, 5), After(cb)
+    text = fit_capture(learn, 2, [cb, few, after], lr=1e-2)
+    assert epoch_lines(text) == [80.0, 80.0]
+    n = learn.model[3].weight.numel()
+    for kept in after.kept: assert kept['3'] == n - n_to_prune(80, n)
+    steps = [s for s, _ in cb.updates]
+    assert steps == [2, 4]
+    for s in steps:
+        old, new = after.masks[s - 1]['3'], after.masks[s]['3']
+        grown = new & ~old
+        assert 0 < int(grown.sum()) <= 5 and bool(few.where[s][grown].all()), s
