@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--end-epoch', type=_int_at_least(1), default=None,
                    help=f"the schedule reaches --sparsity when this many epochs are done, the rest fine-tunes "
                    f"[{d['end_epoch']}; --quick {QUICK['end_epoch']}; with --epochs, a third of them before the end]")
+    p.add_argument('--max-lag', type=float, default=None,
+                   help="share of the schedule's span the masks may trail the target by [SparsifyCallback's: 0.02]")
+    p.add_argument('--frequency', type=_int_at_least(1), default=None,
+                   help="also recompute the masks every FREQUENCY steps [none]")
     p.add_argument('--arch', default=d['arch'], choices=arch_names(), metavar='NAME', help="resnet18, resnet34, xresnet18, ...")
     p.add_argument('--size', type=_int_at_least(1), default=None, help=f"images are resized to SIZE x SIZE pixels (digits are 8x8) [{d['size']}]")
     p.add_argument('--bs', type=_int_at_least(1), default=d['bs'], help="batch size")
@@ -258,6 +262,8 @@ class Config:
     pretrained: str
     data_spec: str
     quick: bool
+    max_lag: float | None = None  # None: SparsifyCallback's own recompute policy
+    frequency: int | None = None
     allocation: str = 'uniform'
 
 
@@ -294,9 +300,11 @@ def make_config(args: argparse.Namespace) -> Config:
     except (TypeError, ValueError) as e: raise UsageError('--sparsity', e) from e
     try: get_granularity(args.granularity, nn.Conv2d)
     except (TypeError, ValueError) as e: raise UsageError('--granularity', e) from e
+    if args.max_lag is not None and not 0 <= args.max_lag <= 1:
+        raise UsageError('--max-lag', f"{args.max_lag:g} must be a share of the schedule's span in [0, 1]")
     return Config(schedules, float(args.sparsity), args.granularity, args.context, args.criteria, epochs, start_epoch,
                   end_epoch, args.arch, size, args.bs, args.lr, args.fit, _device(args.device), _out_folder(args.out), args.seed,
-                  max_images, args.pretrained, args.data, args.quick, args.allocation)
+                  max_images, args.pretrained, args.data, args.quick, args.max_lag, args.frequency, args.allocation)
 
 
 def _device(name: str) -> torch.device:
@@ -394,17 +402,26 @@ def callback_call(cfg: Config, schedule: str) -> str:
         return f"build_callback({method.replace('+uniform', '')!r}, {cfg.sparsity:g}, learn.model{window})"
     return (f"SparsifyCallback(sparsity={cfg.sparsity:g}, granularity={cfg.granularity!r}, context={cfg.context!r}, "
             f"criteria={cfg.criteria}, schedule={schedule}, start_epoch={cfg.start_epoch}"
-            + (f", end_epoch={cfg.end_epoch})" if cfg.end_epoch else ")"))
+            + (f", end_epoch={cfg.end_epoch}" if cfg.end_epoch else "")
+            + ''.join(f", {k}={v:g}" for k, v in _policy(cfg).items()) + ")")
+
+
+def _policy(cfg: Config) -> dict:
+    "The recompute options the command line set (the callback's defaults otherwise)."
+    return {k: v for k, v in [('max_lag', cfg.max_lag), ('frequency', cfg.frequency)] if v is not None}
 
 
 def make_callback(cfg: Config, schedule: str, model: nn.Module | None = None) -> SparsifyCallback:
     if schedule not in SCHEDULES or cfg.allocation != 'uniform':  # rigl, or an allocation: needs the model's layers
         method = schedule if '+' in schedule else f"{schedule}+{cfg.allocation}"
-        kw = {} if parse_method(method)[0] == 'rigl' else dict(start_epoch=cfg.start_epoch, end_epoch=cfg.end_epoch)
+        if parse_method(method)[0] == 'rigl':
+            if _policy(cfg): raise ValueError("rigl changes its masks every delta steps: --max-lag and --frequency do not apply")
+            kw = {}
+        else: kw = dict(start_epoch=cfg.start_epoch, end_epoch=cfg.end_epoch, **_policy(cfg))
         return build_callback(method, cfg.sparsity, model, cfg.criteria, cfg.granularity, cfg.context, **kw)
     return SparsifyCallback(sparsity=cfg.sparsity, granularity=cfg.granularity, context=cfg.context,
                             criteria=CRITERIA[cfg.criteria], schedule=SCHEDULES[schedule], start_epoch=cfg.start_epoch,
-                            end_epoch=cfg.end_epoch)
+                            end_epoch=cfg.end_epoch, **_policy(cfg))
 
 
 def train(cfg: Config, data: Data, pretrained: bool, schedule: str | None, bar: bool) -> RunResult:
