@@ -77,3 +77,9 @@ class RigLCallback(SparsifyCallback):
         sp._set_masks(new, optimizer=opt.opt if isinstance(opt, OptimWrapper) else opt)
         self.updates.append((step, moved))
         return moved
+
+    def plot(self, ax=None):
+        "Target and actual sparsity over the last fit, per training step; returns the axes."
+        ax = super().plot(ax)
+        ax.set_title(f"RigL, drop-and-grow every {self.delta} steps")
+        return ax

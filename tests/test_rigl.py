@@ -102,6 +102,9 @@ def test_rigl_with_erk_keeps_each_layers_allocation():
     for n, m in cb.sparsifier.layers.items():
         assert int((m.weight == 0).sum()) == n_to_prune(targets[n], m.weight.numel()), n
     assert len(cb.updates) == int(0.75 * 2 * cb.n_iter_fit) - 1  # steps 1..stop-1 (step 1 makes the masks first)
+    import matplotlib; matplotlib.use('Agg')
+    ax = cb.plot()
+    assert ax.get_title() == 'RigL, drop-and-grow every 1 steps' and max(ax.get_lines()[0].get_ydata()) == 90
 
 
 @pytest.mark.parametrize('kw, match', [(dict(delta=0), 'delta=0'), (dict(drop_fraction=0), 'drop_fraction=0'),
