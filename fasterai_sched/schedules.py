@@ -57,7 +57,8 @@ SCHEDULES = {f.__name__: f for f in [one_shot, iterative, agp, one_cycle, cos, l
 def acdc(start: float, end: float, pos: float, n_cycles: int = 3, warmup: float = 0.1, final: float = 0.2) -> float:
     """Alternating compressed / decompressed (Peste et al. 2021): `start` for the first `warmup` of the window, then
     `n_cycles` times `end` (compressed) followed by `start` (decompressed) in equal phases, then `end` for the last
-    `final` of the window (compressed fine-tuning); each phase includes its right end. Weights that come back restart at zero with fresh optimizer state."""
+    `final` of the window (compressed fine-tuning); each phase includes its right end. Weights that come back
+    restart at zero with fresh optimizer state."""
     if isinstance(n_cycles, bool) or not isinstance(n_cycles, int) or n_cycles < 1:
         raise ValueError(f"n_cycles={n_cycles!r} must be a positive integer")
     for name, v in (('warmup', warmup), ('final', final)):
