@@ -115,14 +115,13 @@ def allocate(model: nn.Module, sparsity: float, allocation: str = 'erk', layer_t
 
 def _lamp_scores(w: torch.Tensor) -> torch.Tensor:
     """LAMP (Lee et al. 2021): a weight's square over the sum of the squares of the layer's weights that are not
-    smaller, so that the layer's largest weight scores 1 in every layer; equal weights rank by index."""
-    sq = w.flatten().square().double()
-    order = torch.argsort(sq, stable=True)
-    ranked = sq[order]
-    tail = ranked.flip(0).cumsum(0).flip(0)  # sum over this weight and every one ranked after it
-    scores = torch.empty_like(sq)
-    scores[order] = torch.where(tail > 0, ranked / tail.clamp_min(torch.finfo(tail.dtype).tiny), torch.zeros_like(tail))
-    return scores.view_as(w).float()
+    smaller, so that the layer's largest weight scores 1 in every layer; equal weights rank by index.
+    One sort of the layer per call: the cost of LAMP over magnitude at each mask recompute."""
+    ranked, order = w.flatten().float().square().sort(stable=True)
+    tail = ranked.double().flip(0).cumsum(0).flip(0)  # sum over this weight and every one ranked after it
+    scores = torch.empty_like(ranked)
+    scores[order] = (ranked / tail.clamp_min(torch.finfo(tail.dtype).tiny)).float()  # 0 where the tail is all zero
+    return scores.view_as(w)
 
 
 lamp = Criteria(_lamp_scores, name='lamp')
