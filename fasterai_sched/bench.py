@@ -209,7 +209,7 @@ def make_callback(variant: str, frequency=None, max_lag=None, model: nn.Module |
         kw = {k: v for k, v in [('frequency', frequency), ('max_lag', max_lag)] if v is not None}
         kw = POLICY.get(variant, kw)
         return SparsifyCallback(sparsity=SPARSITY, granularity='weight', context=context, criteria=large_final,
-                                schedule={'agp': agp, 'one_shot': one_shot}[sched], verbose=False, **kw)
+                                schedule={'agp': agp, 'one_shot': one_shot}[sched], start_epoch=0, verbose=False, **kw)
     from fasterai.sparse.all import SparsifyCallback as FasteraiCallback
     from fasterai.core.criteria import large_final as f_large_final
     from fasterai.core.schedule import Schedule, sched_agp, sched_oneshot

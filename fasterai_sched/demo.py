@@ -1,6 +1,6 @@
 """The main job: the tutorial's experiment end to end, offline: dense training, then one run per schedule, compared."""
 from __future__ import annotations
-import argparse, atexit, csv, os, random, shutil, socket, sys, tempfile, time
+import argparse, atexit, copy, csv, os, random, shutil, socket, sys, tempfile, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -11,7 +11,7 @@ from fastai.vision.all import (Callback, DataLoaders, ImageDataLoaders, Resize, 
 from fastai.vision.learner import model_meta
 from fastprogress.fastprogress import format_time
 from .callback import SparsifyCallback
-from .criteria import CRITERIA
+from .criteria import CRITERIA, Reducer
 from .granularity import get_granularity
 from .report import sparsity_report
 from .schedules import SCHEDULES
@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prune each layer to the sparsity, or rank all layers' weights together")
     p.add_argument('--criteria', default=d['criteria'], choices=sorted(CRITERIA), metavar='NAME',
                    help=f"one of {', '.join(sorted(CRITERIA))}")
+    p.add_argument('--reduction', default=None, choices=['sum', 'mean'],
+                   help="how a unit's score is made from its weights' scores [the library's default, DEFAULT_REDUCTION]")
     p.add_argument('--epochs', type=_int_at_least(1), default=None, help=f"epochs per run, the same for every run [{d['epochs']}; --quick {QUICK['epochs']}]")
     p.add_argument('--start-epoch', type=_int_at_least(0), default=None,
                    help=f"pruning starts with this epoch [{d['start_epoch']}; --quick {QUICK['start_epoch']}; "
@@ -264,6 +266,7 @@ class Config:
     quick: bool
     max_lag: float | None = None  # None: SparsifyCallback's own recompute policy
     frequency: int | None = None
+    reduction: str | None = None
     allocation: str = 'uniform'
 
 
@@ -304,7 +307,8 @@ def make_config(args: argparse.Namespace) -> Config:
         raise UsageError('--max-lag', f"{args.max_lag:g} must be a share of the schedule's span in [0, 1]")
     return Config(schedules, float(args.sparsity), args.granularity, args.context, args.criteria, epochs, start_epoch,
                   end_epoch, args.arch, size, args.bs, args.lr, args.fit, _device(args.device), _out_folder(args.out), args.seed,
-                  max_images, args.pretrained, args.data, args.quick, args.max_lag, args.frequency, args.allocation)
+                  max_images, args.pretrained, args.data, args.quick, args.max_lag, args.frequency, args.reduction,
+                  args.allocation)
 
 
 def _device(name: str) -> torch.device:
@@ -336,7 +340,7 @@ def check_model(cfg: Config, n_classes: int = 10) -> nn.Module:
         with torch.no_grad(): model(torch.zeros(2, 3, cfg.size, cfg.size))
     except Exception as e:
         raise UsageError('--size', f"{cfg.arch} cannot take {cfg.size}-pixel images ({type(e).__name__}: {e})") from e
-    try: Sparsifier(model, cfg.granularity, cfg.context, CRITERIA[cfg.criteria])
+    try: Sparsifier(model, cfg.granularity, cfg.context, CRITERIA[cfg.criteria], data=torch.zeros(2, 3, cfg.size, cfg.size))
     except (TypeError, ValueError) as e: raise UsageError('--granularity', f"{e}") from e
     return model
 
@@ -411,6 +415,15 @@ def _policy(cfg: Config) -> dict:
     return {k: v for k, v in [('max_lag', cfg.max_lag), ('frequency', cfg.frequency)] if v is not None}
 
 
+def _criteria(cfg: Config):
+    "The named criteria, with the unit reduction --reduction asks for."
+    crit = CRITERIA[cfg.criteria]
+    if cfg.reduction is None: return crit
+    crit = copy.copy(crit)
+    crit.reducer = Reducer.sum if cfg.reduction == 'sum' else Reducer.mean
+    return crit
+
+
 def make_callback(cfg: Config, schedule: str, model: nn.Module | None = None) -> SparsifyCallback:
     if schedule not in SCHEDULES or cfg.allocation != 'uniform':  # rigl, or an allocation: needs the model's layers
         method = schedule if '+' in schedule else f"{schedule}+{cfg.allocation}"
@@ -418,9 +431,9 @@ def make_callback(cfg: Config, schedule: str, model: nn.Module | None = None) ->
             if _policy(cfg): raise ValueError("rigl changes its masks every delta steps: --max-lag and --frequency do not apply")
             kw = {}
         else: kw = dict(start_epoch=cfg.start_epoch, end_epoch=cfg.end_epoch, **_policy(cfg))
-        return build_callback(method, cfg.sparsity, model, cfg.criteria, cfg.granularity, cfg.context, **kw)
+        return build_callback(method, cfg.sparsity, model, _criteria(cfg), cfg.granularity, cfg.context, **kw)
     return SparsifyCallback(sparsity=cfg.sparsity, granularity=cfg.granularity, context=cfg.context,
-                            criteria=CRITERIA[cfg.criteria], schedule=SCHEDULES[schedule], start_epoch=cfg.start_epoch,
+                            criteria=_criteria(cfg), schedule=SCHEDULES[schedule], start_epoch=cfg.start_epoch,
                             end_epoch=cfg.end_epoch, **_policy(cfg))
 
 

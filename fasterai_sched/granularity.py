@@ -3,7 +3,8 @@ from __future__ import annotations
 import re
 import torch, torch.nn as nn
 
-__all__ = ['Granularity', 'NMGranularity', 'GRANULARITIES', 'register_granularity', 'get_granularity', 'granularity_names']
+__all__ = ['Granularity', 'NMGranularity', 'GRANULARITIES', 'Granularities', 'register_granularity', 'get_granularity',
+           'granularity_names']
 
 
 class Granularity:
@@ -68,13 +69,26 @@ class NMGranularity(Granularity):
 
 
 def _conv_dims(n_spatial: int, out_dim: int) -> dict[str, tuple[int, ...]]:
-    "Granularities of a conv whose weight is (out, in, *k) when out_dim=0, or (in, out, *k) for transposed convs."
-    in_dim, k = 1 - out_dim, tuple(range(2, 2 + n_spatial))
-    return {'weight': (), 'kernel': k, 'filter': (in_dim,) + k, 'channel': (out_dim,) + k}
+    """fasterai's granularities of a conv whose weight is (out, in, *k) when out_dim=0, or (in, out, *k) for transposed
+    convs: each name lists the dims one score sums over (a unit is every weight sharing the other indices)."""
+    o, i, k = out_dim, 1 - out_dim, tuple(range(2, 2 + n_spatial))
+    s = lambda *d: tuple(sorted(d))
+    dims = {'weight': (), 'shared_weight': (o,), 'channel': (i,), 'kernel': k, 'filter': s(i, *k),
+            'shared_channel': s(o, i), 'shared_kernel': s(o, *k), 'layer': tuple(range(2 + n_spatial))}
+    if n_spatial == 1:  # fasterai reads a Conv1d as a Linear: a column spans the outputs, a row the inputs
+        dims.update(column=(o,), row=(i,))
+    else:  # a column sums down the kernel's height, a row across its width
+        h, w = k[-2], k[-1]
+        dims.update(column=(h,), row=(w,), shared_column=s(o, h), shared_row=s(o, w), vertical_slice=s(i, h),
+                    horizontal_slice=s(i, w), shared_vertical_slice=s(o, i, h), shared_horizontal_slice=s(o, i, w))
+    return dims
 
 
+# nn.Linear's weight is (out, in): fasterai's 'column' sums over the outputs (one unit per input), 'row' over the
+# inputs (one unit per output neuron); 'filter' and 'channel' are the conv names of the same roles
 GRANULARITIES: dict[type, dict[str, tuple[int, ...]]] = {
-    nn.Linear: {'weight': (), 'kernel': (), 'filter': (1,), 'channel': (0,), 'row': (1,), 'column': (0,)},
+    nn.Linear: {'weight': (), 'shared_weight': (0,), 'channel': (1,), 'column': (0,), 'row': (1,), 'kernel': (),
+                'filter': (1,), 'layer': (0, 1)},
     nn.Conv1d: _conv_dims(1, 0), nn.Conv2d: _conv_dims(2, 0), nn.Conv3d: _conv_dims(3, 0),
     nn.ConvTranspose1d: _conv_dims(1, 1), nn.ConvTranspose2d: _conv_dims(2, 1), nn.ConvTranspose3d: _conv_dims(3, 1),
 }
@@ -92,9 +106,12 @@ def register_granularity(layer_type: type, name: str, dims: tuple[int, ...]) -> 
 
 
 def _registered(layer_type: type) -> dict[str, tuple[int, ...]] | None:
-    for t in layer_type.__mro__:
-        if t in GRANULARITIES: return GRANULARITIES[t]
-    return None
+    "The granularities of `layer_type`: those registered for it over those it inherits (None when it has none)."
+    tables = [GRANULARITIES[t] for t in reversed(layer_type.__mro__) if t in GRANULARITIES]
+    if not tables: return None
+    merged = {}
+    for t in tables: merged.update(t)
+    return merged
 
 
 def granularity_names(layer_type: type) -> list[str]:
@@ -120,3 +137,66 @@ def get_granularity(name: str | Granularity, layer_type: type) -> Granularity:
         raise ValueError(f"granularity={name!r} is not known for {layer_type.__name__}; "
                          f"valid: {sorted(table)} or an 'N:M' pattern such as '2:4'")
     return Granularity(name, table[name])
+
+
+def _from_fasterai(dims) -> tuple[int, ...]:
+    "fasterai's dims count from a leading unit axis (0 is one weight); ours count the weight's own dims."
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+            raise ValueError(f"granularity dims={dims!r} must be non-negative integers (fasterai's numbering: 0 is one weight)")
+    return tuple(sorted({d - 1 for d in dims if d}))
+
+
+def _to_fasterai(dims: tuple[int, ...]) -> int | tuple[int, ...]:
+    return 0 if not dims else (dims[0] + 1 if len(dims) == 1 else tuple(d + 1 for d in dims))
+
+
+class Granularities:
+    """fasterai's granularity registry, read from and written to this library's: dims are numbered as fasterai numbers
+    them, from a leading unit axis (`0` is one weight, `1` the weight's first dim)."""
+    @classmethod
+    def _table(cls, layer_type: type) -> dict[str, int | tuple[int, ...]]:
+        return {name: _to_fasterai(dims) for name, dims in (_registered(layer_type) or {}).items()}
+
+    @classmethod
+    def get_dim(cls, m: nn.Module, g: str) -> list[int]:
+        "The dims (fasterai's numbering) one score of granularity `g` reduces over for module `m`."
+        table = _registered(type(m))
+        if table is None: raise ValueError(f"Unsupported module type: {type(m).__name__}; supported: "
+                                           f"{[t.__name__ for t in GRANULARITIES]}")
+        if g not in table: raise ValueError(f"granularity={g!r} is not known for {type(m).__name__}; valid: {sorted(table)}")
+        d = _to_fasterai(table[g])
+        return [d] if isinstance(d, int) else list(d)
+
+    @classmethod
+    def add_granularity(cls, m_type: type, g: dict) -> None:
+        "Register the granularities `g` (name -> dims, fasterai's numbering) for layers of type `m_type`."
+        if not isinstance(g, dict): raise TypeError(f"g={g!r} must be a dict of granularity name -> dims")
+        converted = {name: _from_fasterai(dims) for name, dims in g.items()}
+        for name, dims in converted.items(): register_granularity(m_type, name, dims)
+
+    @classmethod
+    def allowed_granularities(cls, m: nn.Module) -> dict[str, int | tuple[int, ...]]:
+        "Every granularity module `m` accepts, name -> dims (fasterai's numbering)."
+        table = _registered(type(m))
+        if table is None: raise ValueError(f"Unsupported module type: {type(m).__name__}; supported: "
+                                           f"{[t.__name__ for t in GRANULARITIES]}")
+        return {name: _to_fasterai(dims) for name, dims in table.items()}
+
+    @classmethod
+    def available_granularities(cls) -> list[type]:
+        "The module types that have granularities."
+        return list(GRANULARITIES)
+
+    @classmethod
+    def available_modules(cls) -> tuple[type, ...]:
+        "The module types that have granularities, as a tuple for `isinstance`."
+        return tuple(GRANULARITIES)
+
+
+# fasterai's tables by their names (copies, in fasterai's numbering), e.g. for `add_granularity(Conv1D, _granularities_Linear)`
+Granularities._granularities_Conv2d = Granularities._table(nn.Conv2d)
+Granularities._granularities_ConvT2d = Granularities._table(nn.ConvTranspose2d)
+Granularities._granularities_Linear = {k: v for k, v in Granularities._table(nn.Linear).items()
+                                       if k in ('weight', 'column', 'row', 'layer')}

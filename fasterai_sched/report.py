@@ -22,9 +22,14 @@ def _line(layer, typ, params, zeros, sparsity) -> str:
 @torch.no_grad()
 def sparsity_report(model: nn.Module, layer_type: type = nn.Conv2d, verbose: bool = True) -> list[ReportRow]:
     "Print each `layer_type` layer's weights, zeros and sparsity, then the overall line; return the rows, overall last."
-    model = unwrap_model(model)
-    layers = [(n, m) for n, m in model.named_modules()
-              if isinstance(m, layer_type) and isinstance(getattr(m, 'weight', None), torch.Tensor)]
+    model, seen, layers = unwrap_model(model), set(), []
+    for n, m in model.named_modules():
+        w = getattr(m, 'weight', None)
+        if not isinstance(m, layer_type) or not isinstance(w, torch.Tensor) or id(w) in seen: continue
+        if isinstance(w, nn.parameter.UninitializedParameter):
+            raise ValueError(f"layer {n!r} ({type(m).__name__}) is lazy and has no weight yet: run one batch through the "
+                             f"model (model(x)) before reporting on it")
+        seen.add(id(w)); layers.append((n, m))  # a weight tied between layers is counted once, under its first
     if not layers: raise ValueError(f"layer_type={layer_type.__name__}: the model has no such layer to report on")
     zeros = torch.stack([(m.weight == 0).sum().to('cpu') for _, m in layers]).tolist()
     rows = [ReportRow(n, type(m).__name__, m.weight.numel(), z, 100 * z / m.weight.numel())

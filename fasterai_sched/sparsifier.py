@@ -1,6 +1,6 @@
 """Sparsifier: scores -> exact-count selection (local or global) -> boolean masks -> applied to the weights."""
 from __future__ import annotations
-import math
+import math, warnings
 from fractions import Fraction
 from numbers import Real
 import numpy as np
@@ -10,13 +10,52 @@ from .granularity import Granularity, NMGranularity, get_granularity
 from .criteria import Criteria, CRITERIA, large_final
 from .selection import lowest_k
 
-__all__ = ['Sparsifier', 'lowest_k', 'n_to_prune', 'check_sparsity', 'unwrap_model']
+__all__ = ['Sparsifier', 'lowest_k', 'n_to_prune', 'check_sparsity', 'unwrap_model', 'warn_if_fraction', 'prunable_layers']
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    "The model inside a DistributedDataParallel or DataParallel wrapper."
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
-    return model
+    "The model inside DistributedDataParallel, DataParallel or `torch.compile` wrappers (it shares their parameters)."
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
+        elif isinstance(getattr(model, '_orig_mod', None), nn.Module): model = model._orig_mod  # torch.compile's
+        else: return model
+
+
+def _computed_weight(m: nn.Module) -> str | None:
+    "How `m.weight` is computed from other tensors (a parametrization, a pruning or norm hook), or None if it is stored."
+    from torch.nn.utils import parametrize
+    if parametrize.is_parametrized(m, 'weight'):
+        kinds = ', '.join(type(p).__name__ for p in m.parametrizations.weight)
+        return f"a parametrization ({kinds}); torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') stores it"
+    if 'weight' in m._parameters or 'weight' in m._buffers: return None
+    if hasattr(m, 'weight_mask') and hasattr(m, 'weight_orig'):
+        return "torch.nn.utils.prune (weight_orig * weight_mask); torch.nn.utils.prune.remove(layer, 'weight') stores it"
+    if hasattr(m, 'weight_g') and hasattr(m, 'weight_v'):
+        return "weight_norm's hook (weight_g, weight_v); torch.nn.utils.remove_weight_norm(layer) stores it"
+    if hasattr(m, 'weight_orig'):
+        return "spectral_norm's hook (weight_orig); torch.nn.utils.remove_spectral_norm(layer) stores it"
+    if 'weight' not in m.__dict__ and not hasattr(type(m), 'weight'): return None  # no weight at all
+    return "a hook or property"
+
+
+def prunable_layers(model: nn.Module, layer_type: type) -> dict[str, nn.Module]:
+    """The `layer_type` layers of `model` with a weight, by name; a weight shared by several layers (tied) is listed once,
+    under its first layer. Raises on a lazy layer not yet initialised and on a weight computed from other tensors."""
+    layers, seen = {}, set()
+    for n, m in unwrap_model(model).named_modules():
+        if not isinstance(m, layer_type): continue
+        how = _computed_weight(m)  # before reading m.weight: computing it may have effects (spectral_norm's power iteration)
+        if how is not None:
+            raise ValueError(f"layer {n!r} ({type(m).__name__}) computes its weight from other tensors through {how}: "
+                             f"zeroing the computed weight would prune nothing. Store the weight as a parameter first")
+        w = getattr(m, 'weight', None)
+        if not isinstance(w, torch.Tensor): continue
+        if isinstance(w, nn.parameter.UninitializedParameter):
+            raise ValueError(f"layer {n!r} ({type(m).__name__}) is lazy and has no weight yet: run one batch through the "
+                             f"model (model(x)) before pruning, so that its shape is known")
+        if id(w) in seen: continue  # tied: pruned once, with its first layer
+        seen.add(id(w)); layers[n] = m
+    return layers
 
 
 def check_sparsity(value, name: str = 'sparsity') -> float:
@@ -26,6 +65,14 @@ def check_sparsity(value, name: str = 'sparsity') -> float:
     if not 0 <= value <= 100:  # NaN fails this too
         raise ValueError(f"{name}={value!r} is outside [0, 100]; sparsity is a percentage (90 means 90%)")
     return float(value)
+
+
+def warn_if_fraction(value, name: str = 'sparsity') -> None:
+    "Warn when a sparsity is in (0, 1): here it is a percent, where fasterai 0.4.1 reads a fraction."
+    if isinstance(value, Real) and not isinstance(value, bool) and 0 < value < 1:
+        warnings.warn(f"{name}={value!r} is a percent here: it prunes {value:g}% of the weights. Did you mean "
+                      f"{value * 100:g}%? (fasterai 0.4.1 reads {value!r} as a fraction; pass {value * 100:g})",
+                      UserWarning, stacklevel=3)
 
 
 def n_to_prune(sparsity: float, n: int) -> int:
@@ -75,15 +122,26 @@ class Sparsifier:
     "Prunes the `layer_type` layers of `model` to exact sparsities and keeps pruned weights at zero."
     def __init__(self, model: nn.Module, granularity: str | Granularity = 'weight', context: str = 'local',
                  criteria: Criteria | str = large_final, layer_type: type = nn.Conv2d, round_to: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, nm: bool = False, data=None):
         if not isinstance(model, nn.Module): raise TypeError(f"model={model!r} must be an nn.Module")
+        if isinstance(layer_type, bool):  # fasterai's positional order: (model, granularity, context, criteria, nm, ...)
+            nm, layer_type = layer_type, (round_to if isinstance(round_to, type) else nn.Conv2d)
+            if isinstance(round_to, type): round_to = None
         if isinstance(seed, bool) or not isinstance(seed, int): raise TypeError(f"seed={seed!r} must be an integer")
+        if not isinstance(nm, bool): raise TypeError(f"nm={nm!r} must be True or False")
+        if nm:
+            if granularity not in ('weight', '2:4'):
+                raise ValueError(f"nm=True means granularity='2:4'; it cannot be combined with granularity={granularity!r}")
+            granularity = '2:4'
         criteria = self.check_args(context, criteria, layer_type, round_to)
+        if getattr(criteria, 'needs_data', False) and data is None:
+            raise ValueError(f"criteria {criteria.name} weighs weights by activations: pass data= (a batch, a list of "
+                             "batches or a DataLoader) to calibrate on")
         self.model, self.context, self.criteria, self.round_to, self.seed = unwrap_model(model), context, criteria, round_to, seed
-        self.layers = {n: m for n, m in self.model.named_modules()
-                       if isinstance(m, layer_type) and isinstance(getattr(m, 'weight', None), torch.Tensor)}
+        self.layers = prunable_layers(self.model, layer_type)
         if not self.layers:
             raise ValueError(f"layer_type={layer_type.__name__}: the model has no such layer with a weight to prune")
+        if nm: self._drop_layers_without_groups()
         self.granularity = {n: get_granularity(granularity, type(m)) for n, m in self.layers.items()}
         for n, m in self.layers.items(): self.granularity[n].check(m.weight, n)
         self.granularity_name = next(iter(self.granularity.values())).name
@@ -98,7 +156,26 @@ class Sparsifier:
         self._bn = _following_batchnorm(self.model)
         self._targets: tuple[list, list] = ([], [])
         self._masked_pct = 0.
+        self._found: dict[str, torch.Tensor] = {}  # units found at zero by masks_from_weights that this run never pruned
+        self.layer_type = layer_type
         if criteria.reference: self.save_reference()
+        self.activation_scale: dict[str, torch.Tensor] = {}
+        if getattr(criteria, 'needs_data', False): self.calibrate(data)
+
+    def calibrate(self, data, n_batches: int = 5) -> None:
+        "Measure each pruned layer's per-input-channel activations on `data` (first `n_batches`), for activation criteria."
+        from .criteria import activation_scales
+        scales = activation_scales(self.model, data, self.layer_type, n_batches, self.criteria.data_fn)
+        self.activation_scale = {n: scales[m] for n, m in self.layers.items() if m in scales}
+
+    def _drop_layers_without_groups(self) -> None:
+        "With nm=True (fasterai's switch), layers whose inputs do not split into groups of 4 are left dense, as fasterai does."
+        skipped = []
+        for n, m in list(self.layers.items()):
+            try: get_granularity('2:4', type(m)).check(m.weight, n)
+            except ValueError: skipped.append(n); del self.layers[n]
+        if skipped: warnings.warn(f"nm=True: layers {skipped} have inputs that are not a multiple of 4; they stay dense")
+        if not self.layers: raise ValueError("nm=True: no layer has inputs that split into groups of 4")
 
     @staticmethod
     def check_args(context: str = 'local', criteria: Criteria | str = large_final, layer_type: type = nn.Conv2d,
@@ -155,7 +232,13 @@ class Sparsifier:
             gen = None
             if self.criteria.seeded:  # the same draws on every process and every call: masks nest as sparsity grows
                 gen = torch.Generator(device=m.weight.device).manual_seed(_seed(self.seed, i))
-            out[n] = self.criteria(m.weight, self.reference.get(n), m.weight.grad, gen)
+            if self.criteria.needs_grad and m.weight.grad is None and not getattr(self.criteria, 'grad_optional', False):
+                why = "it is frozen (requires_grad=False)" if not m.weight.requires_grad else "prune after a backward pass"
+                raise RuntimeError(f"criteria {self.criteria.name} needs gradients, and layer {n!r} has none: {why}")
+            out[n] = self.criteria(m.weight, self.reference.get(n), m.weight.grad, gen, self.activation_scale.get(n))
+            if out[n].shape != m.weight.shape:
+                raise ValueError(f"criteria {self.criteria.name} gave scores of shape {tuple(out[n].shape)} for layer {n!r}, "
+                                 f"whose weight has shape {tuple(m.weight.shape)}: a criteria scores every weight")
         finite = torch.stack([torch.stack(torch.aminmax(s)) for s in out.values()]).isfinite().all(1).tolist()
         bad = [n for n, ok in zip(out, finite) if not ok]
         if bad: raise ValueError(f"criteria {self.criteria.name} gave NaN or Inf scores for layer {bad[0]!r}")
@@ -200,7 +283,7 @@ class Sparsifier:
         Under an initialized torch.distributed group this is a collective: call it on every rank; all take rank 0's masks."""
         targets = self._targets_per_layer(sparsity)
         elem = self.scores()
-        units = {n: self.granularity[n].unit_scores(e) for n, e in elem.items()}
+        units = {n: self.criteria.unit_scores(e, self.granularity[n]) for n, e in elem.items()}
         pruned = self._select(units, targets)
         new = {}
         for n, m in self.layers.items():
@@ -214,6 +297,68 @@ class Sparsifier:
         self._update_masked_pct()
         if self.criteria.reference == 'previous': self.save_reference()
 
+    # ---- fasterai's method names ----
+    def _layer_name(self, module: nn.Module) -> str:
+        for n, m in self.layers.items():
+            if m is module: return n
+        raise ValueError(f"module={type(module).__name__} is not one of the pruned {self.layer_type.__name__} layers "
+                         f"of this Sparsifier")
+
+    def _per_layer(self, sparsities) -> dict[str, float]:
+        "fasterai's per-layer list (one percent per pruned layer, in the model's order) as a dict by layer name."
+        sparsities = list(sparsities)
+        if len(sparsities) != len(self.layers):
+            raise ValueError(f"sparsity is a list of {len(sparsities)} percents, but the model has {len(self.layers)} "
+                             f"{self.layer_type.__name__} layers to prune: {list(self.layers)}")
+        return dict(zip(self.layers, sparsities))
+
+    def _named_targets(self, sparsity) -> float | dict:
+        "A sparsity list, or a dict keyed by modules (fasterai allows both), as a dict by layer name; a number as it is."
+        if isinstance(sparsity, (list, tuple)): return self._per_layer(sparsity)
+        if not isinstance(sparsity, dict): return sparsity
+        return {k if isinstance(k, str) else self._layer_name(k): v for k, v in sparsity.items()}
+
+    @torch.no_grad()
+    def sparsify_layer(self, module: nn.Module, sparsity: float, round_to: int | None = None) -> None:
+        "Prune one layer to exactly `sparsity` percent of its units (local to it); the other layers' masks stay."
+        name = self._layer_name(module)
+        check_sparsity(sparsity); warn_if_fraction(sparsity)
+        if round_to is not None: self.check_args(round_to=round_to)
+        elem = self.scores()[name]
+        units = self.criteria.unit_scores(elem, self.granularity[name])
+        saved = self.round_to
+        if round_to is not None: self.round_to = round_to
+        try: k = self._round(name, n_to_prune(sparsity, units.numel()), sparsity)
+        finally: self.round_to = saved
+        keep = ~lowest_k(units.flatten(), k).view(units.shape)
+        mask = self.granularity[name].weight_mask(keep, elem).to(module.weight.device)
+        (new,) = _from_rank0({**self.masks, name: mask})
+        self._set_masks(new)
+        self.n_pruned[name] = k
+        self._update_masked_pct()
+        if self.criteria.reference == 'previous': self.save_reference()
+
+    def sparsify_model(self, sparsity: float | dict, round_to: int | None = None) -> None:
+        "Prune every layer (or all together, in global context) to `sparsity` percent: a number or a dict per layer."
+        sparsity = self._named_targets(sparsity)
+        for k, v in (sparsity.items() if isinstance(sparsity, dict) else [('sparsity', sparsity)]):
+            warn_if_fraction(v, k if k == 'sparsity' else f"sparsity[{k!r}]")
+        if round_to is not None: self.check_args(round_to=round_to)
+        saved = self.round_to
+        if round_to is not None: self.round_to = round_to
+        try: self.prune(sparsity)
+        finally: self.round_to = saved
+
+    def print_sparsity(self) -> None:
+        "Print the sparsity report of the pruned layers, measured from the weights."
+        from .report import sparsity_report
+        sparsity_report(self.model, self.layer_type)
+
+    def save_model(self, path, model: nn.Module | None = None) -> None:
+        "Save `model` (default: the pruned one) with `torch.save`, its pruned weights at zero."
+        self.apply()
+        torch.save(unwrap_model(model) if model is not None else self.model, path)
+
     def _set_masks(self, new: dict[str, torch.Tensor], optimizer=None) -> None:
         "Install `new` masks; weights that come back restart at zero with fresh optimizer state."
         regrown = {n: mask > self.masks[n] for n, mask in new.items() if n in self.masks}  # kept now, not before
@@ -221,13 +366,14 @@ class Sparsifier:
         grew = torch.stack([r.any() for r in regrown.values()]).tolist() if regrown else []
         self.regrown = {n: r for (n, r), g in zip(regrown.items(), grew) if g}
         for n, where in self.regrown.items():
+            if n in self._found: where = where & ~self._found[n]  # found at zero, never pruned: only unmasked
             ch = self._output_mask(n, where)
             if ch is None: self.layers[n].weight.masked_fill_(where.expand_as(self.layers[n].weight), 0)
             else: self._restart_channels(n, where, ch)
             if optimizer is not None:
                 for p, w in [(self.layers[n].weight, where), *self._channel_params(n, where)]:
                     reset_optimizer_state(optimizer, p, w)
-        self.masks = new
+        self.masks, self._found = new, {}  # from now on every masked unit is one this run chose
         self._build_targets()
         self.apply()
 
@@ -271,6 +417,8 @@ class Sparsifier:
 
     def _output_mask(self, n: str, mask: torch.Tensor) -> torch.Tensor | None:
         "For a granularity whose units are whole output channels, the per-channel mask; else None."
+        # only layers whose weight layout is known: a registered custom layer (GPT-2's Conv1D stores (in, out)) is not
+        if not isinstance(self.layers[n], (nn.Linear, nn.modules.conv._ConvNd)): return None
         out_dim = 1 if type(self.layers[n]).__name__.startswith('ConvTranspose') else 0
         # decided by the granularity, not the mask's shape: a (1, 1, 1, 1) 'channel' or 'weight' mask is no filter
         if mask.dim() < 2 or set(self.granularity[n].dims) != set(range(mask.dim())) - {out_dim}: return None
@@ -286,8 +434,10 @@ class Sparsifier:
         else: torch._foreach_mul_(params, masks)
 
     @torch.no_grad()
-    def masks_from_weights(self) -> None:
-        "Rebuild masks from the weights (a unit whose weights are all zero is pruned), as after loading a pruned model."
+    def masks_from_weights(self, pruned: bool = True) -> None:
+        """Rebuild masks from the weights (a unit whose weights are all zero is pruned), as after loading a pruned model.
+        `pruned=False`: those zeros were not put there by this run (a zero-initialised layer), so a unit found at zero is
+        never re-initialised when it comes back, only unmasked."""
         new, counts = {}, {}
         for n, m in self.layers.items():
             g, nonzero = self.granularity[n], m.weight != 0
@@ -295,12 +445,33 @@ class Sparsifier:
             if isinstance(g, NMGranularity):
                 keep = g._groups(nonzero).sum(-1) > g.n
                 new[n] = nonzero
-            else: new[n] = keep
+            else: new[n] = keep = self._with_channel_params(n, keep)
             counts[n] = (~keep).sum()
         self.masks = {}
         self._set_masks(new)
+        if not pruned: self._found = {n: ~k & ~self._norm_zeroed(n, k) for n, k in new.items()}
         self.n_pruned = dict(zip(counts, torch.stack(list(counts.values())).tolist()))
         self._update_masked_pct()
+
+    def _norm_zeroed(self, n: str, keep: torch.Tensor) -> torch.Tensor:
+        """Units whose following normalisation channel is zeroed too (weight and bias): the mark this library's filter
+        pruning leaves, so such a filter found at zero was pruned, and restarts as a new filter when it comes back."""
+        m, none = self.layers[n], torch.zeros_like(keep)
+        bn = self._bn.get(m)
+        ch = self._output_mask(n, keep)
+        if ch is None or bn is None or not bn.affine or bn.num_features != ch.numel(): return none
+        zeroed = (bn.weight == 0) & (bn.bias == 0)
+        if type(m).__name__.startswith('ConvTranspose'): zeroed = zeroed.view(getattr(m, 'groups', 1), -1).all(0)
+        return zeroed.to(keep.device).view(keep.shape)
+
+    def _with_channel_params(self, n: str, keep: torch.Tensor) -> torch.Tensor:
+        "A whole filter counts as pruned only if its bias and normalisation channel are zero too, as pruning leaves them."
+        params = self._channel_params(n, keep)
+        if not params: return keep
+        nonzero = torch.stack([p != 0 for p, _ in params]).any(0)
+        m = self.layers[n]
+        if type(m).__name__.startswith('ConvTranspose'): nonzero = nonzero.view(getattr(m, 'groups', 1), -1).any(0)
+        return keep | nonzero.to(keep.device).view(keep.shape)
 
     def _update_masked_pct(self) -> None:
         "Percent of weights the masks zero, kept so that reading it costs no device sync."

@@ -71,7 +71,7 @@ def parse_method(method: str) -> tuple[str, str]:
     return schedule, alloc
 
 
-def build_callback(method: str, sparsity: float, model: nn.Module, criteria: str = 'large_final',
+def build_callback(method: str, sparsity: float, model: nn.Module, criteria='large_final',
                    granularity: str = 'weight', context: str = 'local', verbose: bool = True, **kw) -> SparsifyCallback:
     """The callback `method` names at `sparsity` for `model`: 'uniform' is the plain callback with `context`; 'erk' and
     'dense_first' give per-layer targets (local); 'lamp' ranks all layers together by LAMP scores; 'rigl' is
@@ -86,7 +86,7 @@ def build_callback(method: str, sparsity: float, model: nn.Module, criteria: str
         return RigLCallback(target, verbose=verbose, **kw)
     common = dict(granularity=granularity, schedule=SCHEDULES[schedule], verbose=verbose, **kw)
     if alloc == 'lamp': return SparsifyCallback(sparsity=sparsity, context='global', criteria=lamp, **common)
-    crit = CRITERIA[criteria]
+    crit = CRITERIA[criteria] if isinstance(criteria, str) else criteria
     if alloc == 'uniform': return SparsifyCallback(sparsity=sparsity, context=context, criteria=crit, **common)
     return SparsifyCallback(sparsity=allocate(model, sparsity, alloc, granularity=granularity), context='local',
                             criteria=crit, **common)

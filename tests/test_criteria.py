@@ -9,7 +9,7 @@ from conftest import small_net
 
 NAMES = ['random', 'large_final', 'small_final', 'squared_final', 'large_init', 'small_init', 'large_init_large_final',
          'small_init_small_final', 'magnitude_increase', 'movement', 'updating_magnitude_increase',
-         'updating_movement', 'updating_movmag', 'taylor']
+         'updating_movement', 'updating_movmag', 'taylor', 'movmag', 'grad_crit', 'wanda']
 
 
 def net_with_grads(seed=0):
@@ -31,7 +31,8 @@ def test_every_named_criterion_is_registered_and_exported():
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
 def test_scores_finite_non_negative_shaped_like_weight(name, dtype):
     model = net_with_grads().to(dtype)
-    sp = Sparsifier(model, 'weight', 'local', name)
+    data = torch.randn(4, 3, 8, 8, dtype=dtype) if name == 'wanda' else None  # wanda calibrates on activations
+    sp = Sparsifier(model, 'weight', 'local', name, data=data)
     with torch.no_grad():  # move away from the reference so 'init'/'previous' criteria see a change
         for m in sp.layers.values(): m.weight.add_(0.01 * torch.randn_like(m.weight))
     scores = sp.scores()

@@ -166,3 +166,14 @@ def test_the_pruning_window_follows_the_options(args, window):
     from fasterai_sched.demo import build_parser, make_config
     cfg = make_config(build_parser().parse_args(args))
     assert (cfg.epochs, cfg.start_epoch, cfg.end_epoch) == window
+
+
+@pytest.mark.parametrize('reduction', [None, 'sum', 'mean'])
+def test_reduction_option_sets_the_criterias_reducer(reduction):
+    "--reduction (issue 10): the unit reduction of the run's criteria; the named criteria itself is left as it is."
+    from fasterai_sched.demo import build_parser, make_config, make_callback
+    from fasterai_sched.criteria import Reducer, large_final
+    cfg = make_config(build_parser().parse_args(['--granularity', 'filter'] + (['--reduction', reduction] if reduction else [])))
+    crit = make_callback(cfg, 'agp').criteria
+    if reduction is None: assert crit is large_final and crit.reducer is None  # the library's default, the mean
+    else: assert crit.reducer is {'sum': Reducer.sum, 'mean': Reducer.mean}[reduction] and large_final.reducer is None

@@ -2,7 +2,7 @@
 import contextlib, re
 from pathlib import Path
 import pytest, torch, torch.nn as nn
-from fasterai_sched import SparsifyCallback, Sparsifier, Criteria, agp
+from fasterai_sched import SparsifyCallback, Sparsifier, Criteria, agp, Schedule, sched_agp, sched_dsd, wanda, large_init, taylor
 from issue6_helpers import fast_learner
 
 DOC = Path(__file__).parents[1] / 'docs' / 'errors.md'
@@ -28,18 +28,17 @@ ROWS = [
      "pass either sparsity or end_sparsity, not both (sparsity=90, end_sparsity=80)"),
     ('start_sparsity', "SparsifyCallback(sparsity=90, start_sparsity=101)", ValueError,
      "start_sparsity=101 is outside [0, 100]; sparsity is a percentage (90 means 90%)"),
-    ('granularity', "SparsifyCallback(sparsity=90, granularity='row')", ValueError,
-     "granularity='row' is not known for Conv2d; valid: ['channel', 'filter', 'kernel', 'weight'] or an 'N:M' pattern "
-     "such as '2:4'"),
+    ('granularity', "SparsifyCallback(sparsity=90, granularity='rows')", ValueError,
+     "granularity='rows' is not known for Conv2d; valid: ['channel', 'column', 'filter', 'horizontal_slice', 'kernel'…"),
     ('granularity', "SparsifyCallback(sparsity=90, granularity=3)", TypeError, "granularity must be a string, got 3"),
     ('granularity', "SparsifyCallback(sparsity=90, granularity='4:2')", ValueError,
      "granularity='4:2': an 'N:M' pattern needs 0 < N < M"),
     ('context', "SparsifyCallback(sparsity=90, context='glob')", ValueError,
      "context='glob' is not allowed; use 'local' or 'global'"),
     ('criteria', "SparsifyCallback(sparsity=90, criteria='biggest')", ValueError,
-     "criteria='biggest' is not known; valid: ['large_final', 'large_init'…"),
+     "criteria='biggest' is not known; valid: ['grad_crit', 'large_final', 'large_init'…"),
     ('criteria', "SparsifyCallback(sparsity=90, criteria=abs)", TypeError,
-     "criteria=<built-in function abs> must be a Criteria (such as large_final) or one of ['large_final'…"),
+     "criteria=<built-in function abs> must be a Criteria (such as large_final) or one of ['grad_crit', 'large_final'…"),
     ('schedule', "SparsifyCallback(sparsity=90, schedule='agp')", TypeError,
      "schedule='agp' must be a function f(start, end, pos)"),
     ('schedule, sched_func', "SparsifyCallback(sparsity=90, schedule=agp, sched_func=agp)", TypeError,
@@ -51,8 +50,6 @@ ROWS = [
      "end_epoch=2 must be after start_epoch=2"),
     ('lth', "SparsifyCallback(sparsity=90, lth='yes')", TypeError, "lth='yes' must be True or False"),
     ('reset_end', "SparsifyCallback(sparsity=90, reset_end=1)", TypeError, "reset_end=1 must be True or False"),
-    ('save_tickets', "SparsifyCallback(sparsity=90, save_tickets=True)", ValueError,
-     "save_tickets=True needs lth=True: a ticket is the rewound weights"),
     ('verbose', "SparsifyCallback(sparsity=90, verbose=None)", TypeError, "verbose=None must be True or False"),
     ('rewind_epoch', "SparsifyCallback(sparsity=90, lth=True, rewind_epoch=-1)", ValueError,
      "rewind_epoch=-1 must be an integer >= 0"),
@@ -98,13 +95,16 @@ ROWS = [
      "layer '0' has NaN or Inf weights: they cannot be ranked for pruning"),
     ('criteria', "learn.fit(2, cbs=SparsifyCallback(sparsity=50, criteria=nan_scores))", ValueError,
      "criteria nan_scores gave NaN or Inf scores for layer '0'"),
+    ('criteria', "frozen_learn.fit(2, cbs=SparsifyCallback(sparsity=50, criteria=taylor))", ValueError,
+     "criteria taylor scores weights by their gradients, but layer '0' is frozen (requires_grad=False) and gets none: "
+     "unfreeze it, or choose another criteria"),
     # Sparsifier(...) and its methods
     ('model', "Sparsifier('net')", TypeError, "model='net' must be an nn.Module"),
-    ('granularity', "Sparsifier(net, granularity='row')", ValueError, "granularity='row' is not known for Conv2d; valid: ['channel'…"),
+    ('granularity', "Sparsifier(net, granularity='rows')", ValueError, "granularity='rows' is not known for Conv2d; valid: ['channel'…"),
     ('granularity', "Sparsifier(net, granularity='2:4')", ValueError,
      "granularity='2:4' needs the input dimension of layer '0' (shape (8, 3, 3, 3), dim 1) to be a multiple of 4"),
     ('context', "Sparsifier(net, context='glob')", ValueError, "context='glob' is not allowed; use 'local' or 'global'"),
-    ('criteria', "Sparsifier(net, criteria='biggest')", ValueError, "criteria='biggest' is not known; valid: ['large_final'…"),
+    ('criteria', "Sparsifier(net, criteria='biggest')", ValueError, "criteria='biggest' is not known; valid: ['grad_crit'…"),
     ('layer_type', "Sparsifier(net, layer_type=nn.Linear)", ValueError,
      "layer_type=Linear: the model has no such layer with a weight to prune"),
     ('round_to', "Sparsifier(net, round_to=-1)", ValueError, "round_to=-1 must be None or a positive integer"),
@@ -119,8 +119,58 @@ ROWS = [
     ('criteria', "Sparsifier(net, criteria=nan_scores).prune(50)", ValueError,
      "criteria nan_scores gave NaN or Inf scores for layer '0'"),
     ('criteria', "Sparsifier(net, criteria='taylor').prune(50)", RuntimeError,
-     "criteria taylor needs gradients; prune after a backward pass"),
+     "criteria taylor needs gradients, and layer '0' has none: prune after a backward pass"),
+    ('criteria', "Sparsifier(net, criteria=total).prune(50)", ValueError,
+     "criteria total gave scores of shape () for layer '0', whose weight has shape (8, 3, 3, 3): a criteria scores every "
+     "weight"),
+    ('model', "Sparsifier(nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 8, 3))))", ValueError,
+     "layer '0' (ParametrizedConv2d) computes its weight from other tensors through a parametrization (_WeightNorm); "
+     "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') stores it: zeroing the computed weight would "
+     "prune nothing. Store the weight as a parameter first"),
+    ('model', "Sparsifier(nn.Sequential(nn.LazyConv2d(8, 3)))", ValueError,
+     "layer '0' (LazyConv2d) is lazy and has no weight yet: run one batch through the model (model(x)) before pruning, "
+     "so that its shape is known"),
     ('(call order)', "Sparsifier(net).rewind()", RuntimeError, "rewind() before save_rewind(): no weights were kept"),
+    # fasterai's forms (issue 10)
+    ('sparsity', "SparsifyCallback(sparsity=[50, 150])", ValueError,
+     "sparsity[1]=150 is outside [0, 100]; sparsity is a percentage (90 means 90%)"),
+    ('sparsity', "SparsifyCallback(sparsity=[50, 50], context='global')", ValueError,
+     "sparsity as a list needs context='local', got context='global'"),
+    ('sparsity', "learn.fit(1, cbs=SparsifyCallback(sparsity=[50, 50]))", ValueError,
+     "sparsity is a list of 2 percents, but the model has 3 Conv2d layers to prune: ['0', '3', '6']"),
+    ('nm', "SparsifyCallback(sparsity=90, granularity='filter', nm=True)", ValueError,
+     "nm=True means granularity='2:4'; it cannot be combined with granularity='filter'"),
+    ('nm', "SparsifyCallback(sparsity=90, nm=1)", TypeError, "nm=1 must be True or False"),
+    ('schedule', "SparsifyCallback(sparsity=90, schedule=[Schedule(sched_agp, 0, 0.4), Schedule(sched_dsd, 0.5, 1)])",
+     ValueError, "schedule: the windows of a list must follow each other; Schedule(sched_agp, start_pct=0, end_pct=0.4) "
+     "ends at 0.4 but Schedule(sched_dsd, start_pct=0.5, end_pct=1) starts at 0.5"),
+    ('schedule', "SparsifyCallback(sparsity=90, schedule=[agp, 'lin'])", TypeError,
+     "schedule=[Schedule(agp, start_pct=0.2, end_pct=1), 'lin']: a list of schedules must hold Schedule objects…"),
+    ('rewind_epoch', "learn.fit(5, cbs=SparsifyCallback(sparsity=90, schedule=agp, lth=True, rewind_epoch=2))",
+     ValueError, "with lth=True, rewind_epoch=2 must be <= 1, the epoch in which agp's window (from 0.2 of training) "
+     "starts pruning in this fit of 5 epochs: earlier masks could not be rewound"),
+    ('start_pct, end_pct', "Schedule(sched_agp, start_pct=0.6, end_pct=0.5)", ValueError,
+     "start_pct=0.6 must be below end_pct=0.5"),
+    ('end_val', "Schedule(sched_agp, end_val=2)", ValueError,
+     "end_val=2 must be a number in [0, 1] (a fraction of training or of the target)"),
+    ('sched_func', "Schedule('agp')", TypeError, "sched_func='agp' must be a function f(start, end, pos)"),
+    ('data', "Sparsifier(net, criteria=wanda)", ValueError,
+     "criteria wanda weighs weights by activations: pass data= (a batch, a list of batches or a DataLoader) to calibrate on"),
+    ('nm', "Sparsifier(net, granularity='filter', nm=True)", ValueError,
+     "nm=True means granularity='2:4'; it cannot be combined with granularity='filter'"),
+    ('module', "Sparsifier(net).sparsify_layer(nn.Conv2d(3, 8, 3), 50)", ValueError,
+     "module=Conv2d is not one of the pruned Conv2d layers of this Sparsifier"),
+    ('sparsity', "Sparsifier(net).sparsify_model([50])", ValueError,
+     "sparsity is a list of 1 percents, but the model has 2 Conv2d layers to prune: ['0', '2']"),
+    ('needs_init, needs_update', "Criteria(torch.abs, needs_init=True, needs_update=True)", ValueError,
+     "needs_init=True and needs_update=True together: the updating weights would replace the initial ones; choose one"),
+    ('output_fn', "Criteria(torch.abs, output_fn=torch.sub)", ValueError,
+     "output_fn and return_init compare with reference weights: they need needs_init=True or needs_update=True"),
+    ('reducer', "Criteria(torch.abs, reducer='max')", ValueError, "reducer='max' is not known; use 'sum', 'mean' or a function"),
+    ('data_fn', "Criteria(torch.abs, data_fn='median')", ValueError,
+     "data_fn='median' is not known; use one of ['l2_norm', 'max', 'mean']"),
+    ('reference', "large_init(net[0], 'filter')", ValueError,
+     "criteria large_init compares with the init weights: pass them as reference=... (or let a Sparsifier keep them)"),
 ]
 
 
@@ -129,13 +179,19 @@ def namespace() -> dict:
     torch.manual_seed(0)
     nan_learn = fast_learner()
     with torch.no_grad(): nan_learn.model[0].weight[0, 0, 0, 0] = float('nan')
+    frozen_learn = fast_learner()
+    frozen_learn.model[0].requires_grad_(False)
     return dict(SparsifyCallback=SparsifyCallback, Sparsifier=Sparsifier, agp=agp, nn=nn, learn=fast_learner(),
+                Schedule=Schedule, sched_agp=sched_agp, sched_dsd=sched_dsd, wanda=wanda, Criteria=Criteria, torch=torch,
+                large_init=large_init, taylor=taylor, frozen_learn=frozen_learn,
                 nan_learn=nan_learn, net=nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)),
-                nan_scores=Criteria(lambda w: w * float('nan'), name='nan_scores'))
+                nan_scores=Criteria(lambda w: w * float('nan'), name='nan_scores'),
+                total=Criteria(lambda w: w.abs().sum(), name='total'))
 
 
 def weights(ns: dict) -> dict:
-    models = {'learn': ns['learn'].model, 'nan_learn': ns['nan_learn'].model, 'net': ns['net']}
+    models = {'learn': ns['learn'].model, 'nan_learn': ns['nan_learn'].model, 'frozen_learn': ns['frozen_learn'].model,
+              'net': ns['net']}
     return {f"{k}.{n}": p.detach().clone() for k, m in models.items() for n, p in m.named_parameters()}
 
 

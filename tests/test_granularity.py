@@ -9,8 +9,10 @@ from fasterai_sched.granularity import GRANULARITIES, get_granularity
 CONVS = [nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d]
 LAYER_TYPES = [nn.Linear, *CONVS]
 NM = ['2:4', '1:2', '3:4', '1:3']
+# 'channel' has fasterai's meaning since issue 10: a unit spans the input channels (one per output and kernel
+# position); the former 'channel' (one unit per input channel) is fasterai's 'shared_kernel'
 GRANS = {nn.Linear: ['weight', 'kernel', 'filter', 'channel', 'row', 'column', *NM],
-         **{t: ['weight', 'kernel', 'filter', 'channel', *NM] for t in CONVS}}
+         **{t: ['weight', 'kernel', 'filter', 'channel', 'shared_kernel', *NM] for t in CONVS}}
 FILLS = ['random', 'equal', 'half_zero', 'few_values']
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -31,7 +33,7 @@ def n_units(layer, gran):
     else: cin, cout, ks = layer.in_channels, layer.out_channels, math.prod(layer.kernel_size)
     if nm_of(gran): return cin * cout * ks // nm_of(gran)[1]
     return {'weight': cin * cout * ks, 'kernel': cin * cout, 'filter': cout, 'row': cout,
-            'channel': cin, 'column': cin}[gran]
+            'channel': cout * ks, 'shared_kernel': cin, 'column': cin}[gran]
 
 
 def unit_rows(layer, gran, t):
@@ -42,7 +44,8 @@ def unit_rows(layer, gran, t):
     if gran == 'weight' or (gran == 'kernel' and isinstance(layer, nn.Linear)): return t.reshape(-1, 1)
     if gran == 'kernel': return t.reshape(t.shape[0] * t.shape[1], -1)
     if gran in ('filter', 'row'): return t.movedim(out_dim, 0).reshape(t.shape[out_dim], -1)
-    return t.movedim(in_dim, 0).reshape(t.shape[in_dim], -1)  # channel, column
+    if gran == 'channel': return t.movedim(in_dim, -1).reshape(-1, t.shape[in_dim])  # sums over the inputs
+    return t.movedim(in_dim, 0).reshape(t.shape[in_dim], -1)  # shared_kernel, column
 
 
 def empty_units(layer, gran, w):
@@ -52,10 +55,11 @@ def empty_units(layer, gran, w):
 
 
 def unit_scores(layer, gran, w):
-    "large_final per unit, in float64: sum of |w|, or for N:M the sum of the M-N smallest |w| of a group."
+    """large_final per unit, in float64: the mean of |w| (the default reduction since issue 10; the sum before), or for
+    N:M the sum of the M-N smallest |w| of a group."""
     rows = unit_rows(layer, gran, w.double().abs())
     if nm_of(gran): n, m = nm_of(gran); return rows.sort(1).values[:, :m - n].sum(1)
-    return rows.sum(1)
+    return rows.mean(1)
 
 
 def pruned_by_mask(layer, gran, mask, weight):
@@ -133,8 +137,9 @@ def check_prune(model, layer_type, gran, context, sparsity):
         assert torch.equal(w[full], before[n][full]), "a kept weight changed"
         # counted from the weights alone: the units left empty are exactly those pruned plus those empty before
         assert torch.equal(empty_units(l, gran, w), pruned | empty0[n])
-        # only whole output channels ('filter', 'row') take their bias with them
-        gone = pruned if gran in ('filter', 'row') else torch.zeros_like(l.bias, dtype=torch.bool)
+        # only whole output channels ('filter', 'row'; a Linear's 'channel') take their bias with them
+        whole_outputs = gran in ('filter', 'row') or (gran == 'channel' and isinstance(l, nn.Linear))
+        gone = pruned if whole_outputs else torch.zeros_like(l.bias, dtype=torch.bool)
         assert bool((l.bias[gone] == 0).all()) and torch.equal(l.bias[~gone], bias0[n][~gone])
         counts[n] = (nu, pruned)
     if context == 'local':
@@ -288,9 +293,20 @@ def test_transposed_conv_units_follow_its_weight_layout():
 
 
 # ---- the registry ----
+FASTERAI_2D = ['weight', 'shared_weight', 'channel', 'column', 'row', 'kernel', 'filter', 'shared_channel',
+               'shared_column', 'shared_row', 'vertical_slice', 'horizontal_slice', 'shared_vertical_slice',
+               'shared_horizontal_slice', 'shared_kernel', 'layer']
+
+
 def test_granularity_names_per_layer_type():
-    assert granularity_names(nn.Linear) == ['weight', 'kernel', 'filter', 'channel', 'row', 'column']
-    for t in CONVS: assert granularity_names(t) == ['weight', 'kernel', 'filter', 'channel']
+    "fasterai's names (issue 10): the full set for 2-d and 3-d convs, a Linear's set for 1-d convs and Linear."
+    assert sorted(granularity_names(nn.Linear)) == sorted(['weight', 'shared_weight', 'channel', 'column', 'row',
+                                                           'kernel', 'filter', 'layer'])
+    for t in (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+        assert sorted(granularity_names(t)) == sorted(FASTERAI_2D)
+    for t in (nn.Conv1d, nn.ConvTranspose1d):
+        assert sorted(granularity_names(t)) == sorted(['weight', 'shared_weight', 'channel', 'column', 'row', 'kernel',
+                                                       'filter', 'shared_channel', 'shared_kernel', 'layer'])
     assert granularity_names(nn.Embedding) == []
 
 
@@ -300,8 +316,8 @@ def test_unknown_granularity_lists_valid_names(lt):
     for name in GRANS[lt]:
         if ':' not in name: assert repr(name) in str(e.value)
     assert "'vector'" in str(e.value) and 'N:M' in str(e.value)
-    if lt is not nn.Linear:
-        with pytest.raises(ValueError, match="'row'"): get_granularity('row', lt)
+    if lt in (nn.Linear, nn.Conv1d, nn.ConvTranspose1d):  # 2-d kernel slices need a 2-d kernel
+        with pytest.raises(ValueError, match="'vertical_slice'"): get_granularity('vertical_slice', lt)
 
 
 @pytest.mark.parametrize('bad', ['4:4', '0:4', '5:4', '2:0'])

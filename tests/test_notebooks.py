@@ -10,7 +10,8 @@ SMALL = {'FASTERAI_NB_EPOCHS': '2', 'FASTERAI_NB_IMAGES': '100'}
 
 
 def test_the_notebooks_are_there():
-    assert [p.name for p in NBS] == ['01_schedules.ipynb', '02_sparsify_callback.ipynb', '03_plain_pytorch.ipynb']
+    assert [p.name for p in NBS] == ['01_schedules.ipynb', '02_sparsify_callback.ipynb', '03_plain_pytorch.ipynb',
+                                    '04_coming_from_fasterai.ipynb']
 
 
 @pytest.mark.parametrize('path', NBS, ids=[p.name for p in NBS])

@@ -25,6 +25,15 @@ class SaveThenCrash(Callback):
             raise Crash(f"killed after epoch {self.epoch}")
 
 
+def state_files(tmp_path):
+    "The callback's state files in the learner's models folder: one weight file and one index per run."
+    return sorted((tmp_path / 'models').glob(f"{SparsifyCallback.state_fname}_*"))
+
+
+def remove_state_files(tmp_path):
+    for f in state_files(tmp_path): f.unlink()
+
+
 def conv_weights(model):
     return {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
 
@@ -84,8 +93,9 @@ def test_lth_resume_reads_back_the_original_rewind_weights(tmp_path):
     kw = dict(sparsity=70, schedule=partial(iterative, n_steps=3), start_epoch=1, lth=True, rewind_epoch=1)
     learn0, cb0, full = uninterrupted(tmp_path, **kw)
     assert "Saving Weights at epoch 1" in full
-    state_file = tmp_path / 'models' / SparsifyCallback.state_fname
-    assert state_file.exists()
+    files = state_files(tmp_path)
+    assert [f.suffix for f in files] == ['.json', '.pth']  # one run: its weight copies and its index
+    state_file = files[1]
     original = {n: t.clone() for n, t in cb0.sparsifier.rewind_weights.items()}
     learn = fast_learner(seed=1, path=tmp_path); learn.load('model_3')
     cb, seen = SparsifyCallback(**kw), RewoundWeights(original)
@@ -115,7 +125,7 @@ class RewoundWeights(Callback):
 def test_lth_resume_before_the_rewind_epoch_takes_the_weights_in_the_resumed_fit(tmp_path):
     kw = dict(sparsity=70, schedule=agp, start_epoch=3, lth=True, rewind_epoch=3)
     _, cb0, full = uninterrupted(tmp_path, **kw)
-    (tmp_path / 'models' / SparsifyCallback.state_fname).unlink()  # the resumed fit must not need it
+    remove_state_files(tmp_path)  # the resumed fit must not need them
     learn, cb, out, loaded = resumed(tmp_path, 'model_1', 2, **kw)
     assert "read back" not in out and "Saving Weights at epoch 3" in out
     assert epoch_lines(out) == epoch_lines(full)[2:]
@@ -138,7 +148,7 @@ def test_init_criteria_resume_reads_back_the_reference(tmp_path):
 def test_resume_without_the_state_file_fails_before_any_weight_changes(tmp_path):
     kw = dict(sparsity=70, schedule=agp, start_epoch=1, lth=True, rewind_epoch=0)
     uninterrupted(tmp_path, **kw)
-    (tmp_path / 'models' / SparsifyCallback.state_fname).unlink()
+    remove_state_files(tmp_path)
     learn = fast_learner(path=tmp_path); learn.load('model_2')
     before = {k: v.clone() for k, v in learn.model.state_dict().items()}
     with pytest.raises(FileNotFoundError, match=r"resumes at epoch 3 and needs the rewind weights.*missing"):
@@ -211,6 +221,18 @@ def test_export_and_load_learner_round_trip_a_pruned_learner(tmp_path, cb_in_lea
     x = torch.randn(4, 3, 8, 8)
     learn.model.eval(); back.model.eval()
     assert torch.equal(learn.model(x), back.model(x))
-    if cb_in_learner:  # the exported callback goes on pruning from the masks it holds
+    if cb_in_learner:  # issue 11: the export carries the callback's arguments, none of a run's masks or weight copies
         cb = back.cbs.filter(lambda c: isinstance(c, SparsifyCallback))[0]
-        assert cb.sparsifier is not None and cb.sparsifier.model is back.model
+        assert cb.sparsifier is None and cb.history == [] and cb.sparsity == 80
+
+
+
+@pytest.mark.parametrize('schedule', [agp, partial(iterative, n_steps=3)], ids=['agp', 'iterative'])
+def test_resume_within_the_schedules_own_window(tmp_path, schedule):
+    "No start_epoch (issue 10): the window is the schedule's own, a share of the whole fit, and a resumed fit keeps it."
+    kw = dict(sparsity=80, schedule=schedule)
+    _, _, full = uninterrupted(tmp_path, **kw)
+    lines = epoch_lines(full)
+    assert lines[0] == 0 and lines[1] > 0 and lines[-1] == 80.0  # a fifth of 6 epochs: pruning starts in epoch 1
+    learn, cb, out, at_save = resumed(tmp_path, 'model_2', 3, **kw)
+    assert epoch_lines(out) == lines[3:]

@@ -82,11 +82,15 @@ def test_agp_is_cubic():
                                                                           89.82, 90.0]
 
 
-def test_one_cycle_is_logistic():
-    s = lambda p: 1 / (1 + math.exp(-(14 * p - 6)))
+def test_one_cycle_is_fasterais_logistic():
+    "fasterai's curve (1 + e^(β-α)) / (1 + e^(β-α·pos)) of the span for pos > 0 (changed from a rescaled logistic in"
+    " issue 10, so that fasterai's printed lines come out the same); exactly `start` at pos=0 and `end` at pos=1."
+    s = lambda p: (1 + math.exp(6 - 14)) / (1 + math.exp(6 - 14 * p))
     for p in (0.1, 0.3, 0.43, 0.7):
-        assert one_cycle(0, 90, p) == pytest.approx(90 * (s(p) - s(0)) / (s(1) - s(0)), rel=1e-12)
-    assert one_cycle(0, 90, 6 / 14) == pytest.approx(90 * (0.5 - s(0)) / (s(1) - s(0)), rel=1e-12)
+        assert one_cycle(0, 90, p) == pytest.approx(90 * s(p), rel=1e-12)
+    assert one_cycle(0, 90, 0) == 0 and one_cycle(0, 90, 1) == 90
+    # fasterai's sparsify_callback tutorial: one_cycle to 50% over 5 epochs prints 1.96, 20.07, 45.86, 49.74, 50.0
+    assert [round(one_cycle(0, 50, e / 5), 2) for e in range(1, 6)] == [1.96, 20.07, 45.86, 49.74, 50.0]
     assert one_cycle(0, 90, 0.2, α=20, β=4) != one_cycle(0, 90, 0.2)
 
 

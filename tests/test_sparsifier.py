@@ -31,7 +31,8 @@ def unchanged(model, snap):
 
 # ---- masks ----
 @pytest.mark.parametrize('gran,shape', [('weight', (64, 32, 3, 3)), ('kernel', (64, 32, 1, 1)),
-                                        ('filter', (64, 1, 1, 1)), ('channel', (1, 32, 1, 1)), ('2:4', (64, 32, 3, 3))])
+                                        ('filter', (64, 1, 1, 1)), ('channel', (64, 1, 3, 3)),
+                                        ('shared_kernel', (1, 32, 1, 1)), ('2:4', (64, 32, 3, 3))])
 def test_masks_are_boolean_on_the_weight_device(gran, shape):
     model = small_net(c=4)
     sp = Sparsifier(model, gran, 'local', large_final)
@@ -417,7 +418,7 @@ def test_unknown_granularity_lists_valid_names():
     model = small_net()
     msg = raises_unchanged(model, ValueError, "granularity='vector'", lambda: Sparsifier(model, 'vector'))
     assert all(n in msg for n in ["'weight'", "'kernel'", "'filter'", "'channel'"])
-    raises_unchanged(model, ValueError, "granularity='row'", lambda: Sparsifier(model, 'row'))
+    raises_unchanged(model, ValueError, "granularity='rows'", lambda: Sparsifier(model, 'rows'))
     raises_unchanged(model, TypeError, 'granularity', lambda: Sparsifier(model, None))
 
 
