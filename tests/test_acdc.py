@@ -94,3 +94,11 @@ def test_acdc_resumes_from_a_checkpoint(tmp_path):
             # compressed epochs match exactly; a decompressed one holds only the weights still at their restart zero
             assert a == b if b == 75 else (a < 1 and b < 1), (k, got, lines)
         assert conv_sparsity(learn.model) == pytest.approx(75, abs=0.005)
+
+
+def test_acdc_is_a_schedule_over_the_whole_fit_and_pickles():
+    import pickle
+    from fasterai_sched.schedules import Schedule, schedule_window, available_schedules
+    assert isinstance(acdc, Schedule) and schedule_window(acdc) == (0., 1.)
+    assert pickle.loads(pickle.dumps(acdc)) is acdc
+    assert 'acdc' in SCHEDULES and 'acdc' not in available_schedules()  # fasterai's list stays fasterai's
