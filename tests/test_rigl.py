@@ -1,6 +1,7 @@
 """Issue 13: RigL, drop-and-grow at a constant count, connectivity moving at update steps only."""
 import json, math, os, subprocess, sys
 from pathlib import Path
+import random
 import pytest, torch
 from fastai.callback.core import Callback
 from fastai.callback.tracker import SaveModelCallback
@@ -9,6 +10,12 @@ from fasterai_sched.rigl import drop_fraction_at
 from fasterai_sched.sparsifier import n_to_prune
 from conftest import small_learner, fit_capture, epoch_lines, conv_sparsity
 from issue6_helpers import fast_learner
+
+
+@pytest.fixture(autouse=True)
+def _same_batches():
+    "fastai draws each loader's shuffling seed from Python's random module: fix it, so a test trains the same in any order."
+    random.seed(0)
 
 
 class Before(Callback):
