@@ -13,10 +13,14 @@ with _warnings.catch_warnings():
     from .report import sparsity_report
     from .callback import SparsifyCallback
     from .compact import compact, compaction_report, save_sparse, load_sparse
+    from .schedules import acdc, sched_acdc
+    from .allocation import allocate, uniform, uniform_dense_first, erk, lamp
+    from .rigl import RigLCallback
 
 __all__ = ['Sparsifier', 'SparsifyCallback', 'sparsity_report', 'register_granularity', 'granularity_names',
            'compact', 'compaction_report', 'save_sparse', 'load_sparse',
            'Granularities', 'one_shot', 'iterative', 'agp', 'one_cycle', 'cos', 'lin', 'dsd', 'plot_schedules',
            'Schedule', 'sched_oneshot', 'sched_iterative', 'sched_agp', 'sched_onecycle', 'sched_dsd', 'schedules',
            'available_schedules',
-           *[n for n in _criteria_all if n not in ('CRITERIA', 'DEFAULT_REDUCTION')]]
+           *[n for n in _criteria_all if n not in ('CRITERIA', 'DEFAULT_REDUCTION')],
+           'acdc', 'sched_acdc', 'allocate', 'uniform', 'uniform_dense_first', 'erk', 'lamp', 'RigLCallback']

@@ -27,6 +27,11 @@ VARIANTS = {
     'steady': ('ours', 'one_shot', 'local'),
     'agp local (f=100)': ('ours', 'agp', 'local'),
     'agp global (f=100)': ('ours', 'agp', 'global'),
+    # issue 13's methods (the schedule slot holds a sweep method name, `sweep.build_callback` makes the callback)
+    'agp erk': ('ours', 'agp+erk', 'local'),
+    'agp lamp': ('ours', 'agp+lamp', 'global'),
+    'rigl': ('ours', 'rigl+erk', 'local'),
+    'acdc': ('ours', 'acdc', 'local'),
     'fasterai agp local': ('fasterai', 'agp', 'local'),
     'fasterai agp global': ('fasterai', 'agp', 'global'),
     'fasterai steady': ('fasterai', 'one_shot', 'local'),
@@ -34,7 +39,9 @@ VARIANTS = {
 DEFAULT_VARIANTS = ['dense', 'agp local', 'agp global', 'steady']
 # variants with their own recompute policy: '(f=100)' is the policy before max_lag, masks every 100 steps and at
 # each epoch's end, whatever the lag; the others take the callback's defaults or the command line's
-POLICY = {'agp local (f=100)': {'max_lag': 1, 'frequency': 100}, 'agp global (f=100)': {'max_lag': 1, 'frequency': 100}}
+POLICY = {'agp local (f=100)': {'max_lag': 1, 'frequency': 100}, 'agp global (f=100)': {'max_lag': 1, 'frequency': 100},
+          # RigL updates every 10 steps here (about twice an epoch of digits at bs 64), as in the sweep
+          'rigl': {'delta': 10}}
 
 
 # ---- devices and models ----
@@ -188,10 +195,16 @@ def fasterai_available() -> tuple[bool, str]:
         return False, f"{type(e).__name__}: {e}"
 
 
-def make_callback(variant: str, frequency=None, max_lag=None):
-    "The callback `variant` names (None for dense); `frequency`, `max_lag`: the recompute policy, if not the default."
+def make_callback(variant: str, frequency=None, max_lag=None, model: nn.Module | None = None):
+    """The callback `variant` names (None for dense); `frequency`, `max_lag`: the recompute policy, if not the default;
+    `model`: the learner's model, which an allocation (ERK) reads its layers from."""
     lib, sched, context = VARIANTS[variant]
     if lib is None: return None
+    if lib == 'ours' and sched not in ('agp', 'one_shot'):
+        from .sweep import build_callback
+        if model is None: raise ValueError(f"variant {variant!r} needs the model (its per-layer targets come from its layers)")
+        kw = POLICY.get(variant, {k: v for k, v in [('frequency', frequency), ('max_lag', max_lag)] if v is not None})
+        return build_callback(sched, SPARSITY, model, verbose=False, **kw)
     if lib == 'ours':
         from .callback import SparsifyCallback
         from .criteria import large_final
@@ -219,7 +232,7 @@ def _prepare(variant: str, cfg: dict, device: torch.device, clock=None) -> tuple
     if per_step: dls = synthetic_dls(cfg['size'], cfg['bs'], cfg['steps'], 10, device)
     else: dls = digits_dls(cfg['size'], cfg['bs'], device)
     learn = Learner(dls, build_model(cfg['arch'], 10).to(device), loss_func=CrossEntropyLossFlat(), opt_func=Adam)
-    timer, cb = _Clock(device, per_step, clock), make_callback(variant, cfg.get('frequency'), cfg.get('max_lag'))
+    timer, cb = _Clock(device, per_step, clock), make_callback(variant, cfg.get('frequency'), cfg.get('max_lag'), learn.model)
     if cb is not None: _time_events(cb, timer.in_callback)
     return learn, timer, cb
 

@@ -165,7 +165,15 @@ class SparsifyCallback(Callback):
 
     def _end_value(self) -> float:
         if isinstance(self.sparsity, list): return max(self.sparsity, default=0)
-        return self.sparsity if not isinstance(self.sparsity, dict) else max(self.sparsity.values(), default=0)
+        return self._overall(self.sparsity)
+
+    def _overall(self, target) -> float:
+        "A target as one percent: per-layer targets (an allocation) give the share of all pruned layers' weights they ask for."
+        if not isinstance(target, dict): return target
+        sp = self.sparsifier
+        if sp is None: return max(target.values(), default=0)
+        sizes = {n: m.weight.numel() for n, m in sp.layers.items()}
+        return round(sum(target.get(n, 0) * k for n, k in sizes.items()) / sum(sizes.values()), 4)
 
     def _target(self, step: int):
         "Target sparsity after `step` training steps of this fit (a number, or a dict per layer)."
@@ -568,7 +576,7 @@ class SparsifyCallback(Callback):
         if self.active and self._steps_in_epoch: self.after_epoch()
 
     def _record(self, step, target):
-        value = target if not isinstance(target, dict) else max(target.values(), default=0)
+        value = self._overall(target)
         self.history.append({'epoch': self.epoch + (self.iter + 1) / self.n_iter_fit, 'target': value,
                              'actual': self.sparsifier.masked_sparsity()})
 

@@ -16,6 +16,7 @@ from .granularity import get_granularity
 from .report import sparsity_report
 from .schedules import SCHEDULES
 from .sparsifier import Sparsifier, check_sparsity
+from .sweep import METHOD_ALLOCATIONS, SWEEP, SWEEP_METHODS, SWEEP_QUICK, SweepConfig, build_callback, main_sweep, parse_method
 
 __all__ = ['main', 'digits_folder', 'digits_dls', 'folder_dls', 'label_func', 'DEFAULTS', 'QUICK']
 
@@ -189,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Train a network dense, then sparsified once per schedule with the same number "
                 "of epochs, and compare: the fasterai schedules tutorial, offline, on scikit-learn's digits.",
                 formatter_class=_Help)
-    p.add_argument('--schedules', default=d['schedules'], help=f"comma-separated, from {', '.join(SCHEDULES)}")
+    p.add_argument('--schedules', default=d['schedules'], help=f"comma-separated, from {', '.join(SCHEDULES)}, rigl; "
+                   f"'NAME+ALLOCATION' picks an allocation for one (agp+erk) [{d['schedules']}; --sweep {SWEEP_METHODS}]")
     p.add_argument('--sparsity', type=_number, default=d['sparsity'], help="final sparsity, percent")
     p.add_argument('--granularity', default=d['granularity'], help="weight, kernel, filter, channel or an N:M pattern")
     p.add_argument('--context', default=d['context'], choices=['local', 'global'],
@@ -231,6 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
                    ', '.join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
     p.add_argument('--seed', type=int, default=d['seed'], help="the same seed for every run: same initial weights, "
                    "same batches")
+    p.add_argument('--allocation', default='uniform', choices=METHOD_ALLOCATIONS,
+                   help="per-layer targets for the schedules named without '+': uniform (each layer at --sparsity), "
+                   "dense_first, erk (Erdős–Rényi-Kernel) or lamp (LAMP scores, global)")
+    p.add_argument('--sweep', default=None, metavar='SPARSITIES',
+                   help="instead of the main job: every schedule at each of these comma-separated sparsities (such as "
+                   "80,90,95,98), over --seeds seeds, with a small CNN on the digits; ends with an accuracy-vs-sparsity "
+                   f"table and plot [--schedules {SWEEP_METHODS}, --epochs {SWEEP['epochs']}, --seeds {SWEEP['seeds']}; "
+                   f"--quick: --epochs {SWEEP_QUICK['epochs']}, --seeds {SWEEP_QUICK['seeds']}]")
+    p.add_argument('--seeds', type=_int_at_least(1), default=None, help="with --sweep: runs per point, seeds --seed, "
+                   "--seed+1, ...")
     return p
 
 
@@ -261,6 +273,7 @@ class Config:
     reduction: str | None = None
     coupled: bool = False
     compact: bool = False
+    allocation: str = 'uniform'
 
 
 def pruning_window(epochs: int, start: int | None = None, end: int | None = None) -> tuple[int, int]:
@@ -288,7 +301,8 @@ def make_config(args: argparse.Namespace) -> Config:
     schedules = [s.strip() for s in args.schedules.split(',') if s.strip()]
     if not schedules: raise UsageError('--schedules', "give at least one schedule")
     for s in schedules:
-        if s not in SCHEDULES: raise UsageError('--schedules', f"{s!r} is not a schedule; choose from {', '.join(SCHEDULES)}")
+        try: parse_method(s)
+        except ValueError as e: raise UsageError('--schedules', f"{s!r} is not a schedule ({e})") from e
     dup = sorted({s for s in schedules if schedules.count(s) > 1})
     if dup: raise UsageError('--schedules', f"{dup[0]!r} is listed twice")
     try: check_sparsity(args.sparsity)
@@ -304,7 +318,7 @@ def make_config(args: argparse.Namespace) -> Config:
     return Config(schedules, float(args.sparsity), args.granularity, args.context, args.criteria, epochs, start_epoch,
                   end_epoch, args.arch, size, args.bs, args.lr, args.fit, _device(args.device), _out_folder(args.out), args.seed,
                   max_images, args.pretrained, args.data, args.quick, args.max_lag, args.frequency, args.reduction,
-                  coupled, compact)
+                  coupled, compact, args.allocation)
 
 
 def _device(name: str) -> torch.device:
@@ -328,7 +342,7 @@ def get_arch(name: str) -> Callable:
     return next(a for a in model_meta if a.__name__ == name)
 
 
-def check_model(cfg: Config, n_classes: int = 10) -> None:
+def check_model(cfg: Config, n_classes: int = 10) -> nn.Module:
     "Build the network once on CPU: the architecture must take `size`-pixel images and the sparsifier its layers."
     from fastai.vision.learner import create_vision_model
     try:
@@ -339,6 +353,7 @@ def check_model(cfg: Config, n_classes: int = 10) -> None:
     try: Sparsifier(model, cfg.granularity, cfg.context, CRITERIA[cfg.criteria], coupled=cfg.coupled,
                     data=torch.zeros(2, 3, cfg.size, cfg.size), example_inputs=torch.zeros(2, 3, cfg.size, cfg.size))
     except (TypeError, ValueError) as e: raise UsageError('--coupled' if cfg.coupled else '--granularity', f"{e}") from e
+    return model
 
 
 def pretrained_weights(cfg: Config) -> bool:
@@ -397,6 +412,10 @@ def fit_call(cfg: Config, cb: str = '') -> str:
 
 
 def callback_call(cfg: Config, schedule: str) -> str:
+    if schedule not in SCHEDULES or cfg.allocation != 'uniform':
+        method = schedule if '+' in schedule else f"{schedule}+{cfg.allocation}"
+        window = '' if parse_method(method)[0] == 'rigl' else f", start_epoch={cfg.start_epoch}, end_epoch={cfg.end_epoch}"
+        return f"build_callback({method.replace('+uniform', '')!r}, {cfg.sparsity:g}, learn.model{window})"
     return (f"SparsifyCallback(sparsity={cfg.sparsity:g}, granularity={cfg.granularity!r}, context={cfg.context!r}, "
             f"criteria={cfg.criteria}, schedule={schedule}, start_epoch={cfg.start_epoch}"
             + (f", end_epoch={cfg.end_epoch}" if cfg.end_epoch else "")
@@ -418,7 +437,17 @@ def _criteria(cfg: Config):
     return crit
 
 
-def make_callback(cfg: Config, schedule: str) -> SparsifyCallback:
+def make_callback(cfg: Config, schedule: str, model: nn.Module | None = None) -> SparsifyCallback:
+    if schedule not in SCHEDULES or cfg.allocation != 'uniform':  # rigl, or an allocation: needs the model's layers
+        method = schedule if '+' in schedule else f"{schedule}+{cfg.allocation}"
+        if cfg.coupled or cfg.compact:
+            raise ValueError(f"--coupled and --compact prune whole channels; {method} allocates weights per layer: "
+                             "use them with a plain schedule and --allocation uniform")
+        if parse_method(method)[0] == 'rigl':
+            if _policy(cfg): raise ValueError("rigl changes its masks every delta steps: --max-lag and --frequency do not apply")
+            kw = {}
+        else: kw = dict(start_epoch=cfg.start_epoch, end_epoch=cfg.end_epoch, **_policy(cfg))
+        return build_callback(method, cfg.sparsity, model, _criteria(cfg), cfg.granularity, cfg.context, **kw)
     return SparsifyCallback(sparsity=cfg.sparsity, granularity=cfg.granularity, context=cfg.context,
                             criteria=_criteria(cfg), schedule=SCHEDULES[schedule], start_epoch=cfg.start_epoch,
                             end_epoch=cfg.end_epoch, coupled=cfg.coupled, compact=cfg.compact, **_policy(cfg))
@@ -432,7 +461,7 @@ def train(cfg: Config, data: Data, pretrained: bool, schedule: str | None, bar: 
     learn.unfreeze()
     cbs = []
     if schedule is not None:
-        cbs.append(make_callback(cfg, schedule))
+        cbs.append(make_callback(cfg, schedule, learn.model))
     if not bar: cbs.append(TableLogger())
     fit = learn.fit_one_cycle if cfg.fit == 'one_cycle' else learn.fit
     start = time.perf_counter()
@@ -585,13 +614,56 @@ def describe(cfg: Config, data: Data, pretrained: bool) -> str:
             f"output folder: {cfg.out}")
 
 
+# what the sweep takes from the main job's options; the others describe the main job only
+_SWEEP_OPTIONS = {'sweep', 'schedules', 'allocation', 'epochs', 'seeds', 'seed', 'lr', 'bs', 'device', 'out', 'quick'}
+
+
+def sweep_config(args: argparse.Namespace) -> SweepConfig:
+    "The sweep's settings from the command line; raises `UsageError` for a bad value or an option the sweep does not take."
+    defaults = vars(build_parser().parse_args([]))
+    other = [k for k, v in vars(args).items() if k not in _SWEEP_OPTIONS and v != defaults[k]]
+    if other: raise UsageError(f"--{other[0].replace('_', '-')}", "the sweep does not take this option (it always "
+                               "trains sweep_cnn on the digits at 8 px, pruning its convolutions' weights)")
+    try: sparsities = [float(x) for x in args.sweep.split(',') if x.strip()]
+    except ValueError: raise UsageError('--sweep', f"{args.sweep!r} is not a comma-separated list of percents")
+    if not sparsities: raise UsageError('--sweep', "give at least one sparsity, such as 80,90,95,98")
+    for x in sparsities:
+        try: check_sparsity(x)
+        except (TypeError, ValueError) as e: raise UsageError('--sweep', e) from e
+    spec = SWEEP_METHODS if args.schedules == DEFAULTS['schedules'] else args.schedules
+    methods = [m.strip() if '+' in m else f"{m.strip()}+{args.allocation}".replace('+uniform', '')
+               for m in spec.split(',') if m.strip()]
+    if not methods: raise UsageError('--schedules', "give at least one schedule")
+    for m in methods:
+        try: parse_method(m)
+        except ValueError as e: raise UsageError('--schedules', e) from e
+    if len(set(methods)) < len(methods): raise UsageError('--schedules', "a method is listed twice")
+    base = SWEEP_QUICK if args.quick else SWEEP
+    pick = lambda k: getattr(args, k) if getattr(args, k) is not None else base[k]
+    return SweepConfig(sparsities, methods, epochs=pick('epochs'), seeds=pick('seeds'), seed=args.seed,
+                       lr=args.lr if args.lr != DEFAULTS['lr'] else base['lr'],
+                       bs=args.bs if args.bs != DEFAULTS['bs'] else base['bs'], device=str(_device(args.device)),
+                       out=_out_folder(args.out))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     "Run the demo; returns the exit code (2 for a bad option, with nothing written)."
     args = build_parser().parse_args(argv)
+    if args.sweep is not None:
+        try: sweep_cfg = sweep_config(args)
+        except UsageError as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
+        return main_sweep(sweep_cfg)
+    if args.seeds is not None:
+        print(f"{PROG}: error: --seeds: only the sweep runs several seeds; add --sweep SPARSITIES", file=sys.stderr)
+        return 2
     try:
         cfg = make_config(args)
-        check_model(cfg)
-        for s in cfg.schedules: make_callback(cfg, s)  # the callback's own checks, before anything trains
+        model = check_model(cfg)
+        for s in cfg.schedules:  # the callback's own checks, before anything trains
+            try: make_callback(cfg, s, model)
+            except (TypeError, ValueError) as e: raise UsageError('--schedules', f"{s}: {e}") from e
         data = resolve_data(cfg.data_spec, cfg.max_images, cfg.seed)
         n_train = len(data.files) - int(len(data.files) * VALID_PCT)
         if cfg.bs > n_train: raise UsageError('--bs', f"{cfg.bs} is more than the {n_train} training images; "

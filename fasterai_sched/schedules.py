@@ -7,9 +7,9 @@ from numbers import Real
 from typing import Callable, Sequence
 from fastai.callback.schedule import sched_cos, sched_lin
 
-__all__ = ['Schedule', 'one_shot', 'iterative', 'agp', 'one_cycle', 'cos', 'lin', 'dsd', 'sched_oneshot',
-           'sched_iterative', 'sched_agp', 'sched_onecycle', 'sched_dsd', 'schedules', 'available_schedules',
-           'SCHEDULES', 'plot_schedules', 'schedule_window', 'window_target']
+__all__ = ['Schedule', 'one_shot', 'iterative', 'agp', 'one_cycle', 'cos', 'lin', 'dsd', 'acdc', 'sched_oneshot',
+           'sched_iterative', 'sched_agp', 'sched_onecycle', 'sched_dsd', 'sched_acdc', 'schedules',
+           'available_schedules', 'SCHEDULES', 'plot_schedules', 'schedule_window', 'window_target']
 
 
 # ---- the shapes: f(start, end, pos), pos in [0, 1] of the schedule's window ----
@@ -55,6 +55,24 @@ def _lin(start: float, end: float, pos: float) -> float:
 def sched_dsd(start: float, end: float, pos: float) -> float:
     "Dense-sparse-dense: cosine up to `end` by `pos=0.5`, then back down to `start` by `pos=1`."
     return _cos(start, end, 2 * pos) if pos <= 0.5 else _cos(end, start, 2 * pos - 1)
+
+
+def sched_acdc(start: float, end: float, pos: float, n_cycles: int = 3, warmup: float = 0.1, final: float = 0.2) -> float:
+    """Alternating compressed / decompressed (Peste et al. 2021): `start` for the first `warmup` of the window, then
+    `n_cycles` times `end` (compressed) followed by `start` (decompressed) in equal phases, then `end` for the last
+    `final` of the window (compressed fine-tuning); each phase includes its right end. Weights that come back
+    restart at zero with fresh optimizer state."""
+    if isinstance(n_cycles, bool) or not isinstance(n_cycles, int) or n_cycles < 1:
+        raise ValueError(f"n_cycles={n_cycles!r} must be a positive integer")
+    for name, v in (('warmup', warmup), ('final', final)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise ValueError(f"{name}={v!r} must be a share of the window in [0, 1)")
+    if warmup + final >= 1: raise ValueError(f"warmup={warmup!r} + final={final!r} must leave room for the cycles (< 1)")
+    # a phase holds its right end, so a phase that ends with an epoch holds that epoch's last step (its measured line)
+    if pos <= 0 or pos <= warmup: return float(start)
+    if pos >= 1 or pos > 1 - final: return float(end)
+    phase = math.ceil(round((pos - warmup) / (1 - warmup - final) * 2 * n_cycles, 9)) - 1
+    return float(end) if phase % 2 == 0 else float(start)
 
 
 def _frac(x: float) -> Fraction:
@@ -146,11 +164,13 @@ one_cycle = Schedule(sched_onecycle)
 cos = Schedule(_cos)
 lin = Schedule(_lin)
 dsd = Schedule(sched_dsd)
+acdc = Schedule(sched_acdc)  # issue 13: over the whole fit by default, as in the paper
 one_shot.__name__, one_cycle.__name__, cos.__name__, lin.__name__ = 'one_shot', 'one_cycle', 'cos', 'lin'
-iterative.__name__, agp.__name__, dsd.__name__ = 'iterative', 'agp', 'dsd'
+iterative.__name__, agp.__name__, dsd.__name__, acdc.__name__ = 'iterative', 'agp', 'dsd', 'acdc'
 
 SCHEDULES = {f.__name__: f for f in [one_shot, iterative, agp, one_cycle, cos, lin, dsd]}
-schedules = tuple(SCHEDULES)
+schedules = tuple(SCHEDULES)  # fasterai's list, as fasterai names it
+SCHEDULES['acdc'] = acdc  # issue 13: in the library's registry (the main job's --schedules), not in fasterai's list
 
 
 def available_schedules() -> list[str]:

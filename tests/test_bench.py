@@ -271,3 +271,20 @@ def test_numpy_and_torch_selection_agree(kind):
         s = tricky_scores(n, kind, g)
         for k in [1, n // 3, n - 7]:
             assert torch.equal(SEL.lowest_k(s, k), SEL._lowest_k_bracketed(s, k)), (kind, n, k)
+
+
+def test_issue13_variants_time_the_new_methods():
+    "RigL, AC/DC, agp with ERK and with LAMP have bench rows: their callbacks, built for the learner's model."
+    from fasterai_sched import RigLCallback, lamp
+    model = bench.build_model('resnet18', 10)
+    rigl = bench.make_callback('rigl', model=model)
+    assert isinstance(rigl, RigLCallback) and rigl.delta == 10 and isinstance(rigl.sparsity, dict)
+    assert bench.make_callback('agp lamp', model=model).criteria is lamp
+    assert isinstance(bench.make_callback('agp erk', model=model).sparsity, dict)
+    assert bench.make_callback('acdc', model=model).schedule.__name__ == 'acdc'
+    with pytest.raises(ValueError, match='needs the model'): bench.make_callback('rigl')
+    res = bench.run_train_bench('step', 'resnet18', 8, 2, 'cpu', steps=3, repeats=1, warmup=False,
+                                variants=['dense', 'rigl', 'acdc', 'agp erk', 'agp lamp'])
+    rows = {r['variant']: r for r in res['rows']}
+    assert list(rows) == ['dense', 'rigl', 'acdc', 'agp erk', 'agp lamp']
+    assert rows['rigl']['sparsity'] == pytest.approx(90, abs=0.01) and rows['rigl']['ratio'] > 0

@@ -121,7 +121,8 @@ def test_user_schedule_of_the_same_shape_is_plotted():
 
 
 def test_schedules_registry():
-    assert list(SCHEDULES) == ['one_shot', 'iterative', 'agp', 'one_cycle', 'cos', 'lin', 'dsd']
+    # issue 13 registers acdc after the seven
+    assert list(SCHEDULES) == ['one_shot', 'iterative', 'agp', 'one_cycle', 'cos', 'lin', 'dsd', 'acdc']
 
 
 def test_plot_schedules_draws_all_seven(tmp_path):

@@ -1,0 +1,95 @@
+"""Issue 13: the accuracy-vs-sparsity sweep (`--sweep`), methods by name, and the new methods in the main job."""
+import csv, re
+import pytest, torch
+from fasterai_sched import SparsifyCallback, RigLCallback, lamp, acdc, agp
+from fasterai_sched.sweep import (parse_method, build_callback, sweep_cnn, sweep_dls, SweepConfig, run_sweep,
+                                  sweep_table, SWEEP_METHODS)
+from fasterai_sched.demo import main
+from test_demo import run_cli
+
+
+def test_parse_method():
+    assert parse_method('agp') == ('agp', 'uniform')
+    assert parse_method('agp+erk') == ('agp', 'erk') and parse_method('rigl+dense_first') == ('rigl', 'dense_first')
+    for bad, match in [('steep', "'steep' is not a schedule"), ('agp+wide', "'wide' is not an allocation"),
+                       ('rigl+lamp', 'RigL keeps per-layer counts')]:
+        with pytest.raises(ValueError, match=match): parse_method(bad)
+    with pytest.raises(TypeError, match='method=3'): parse_method(3)
+
+
+def test_build_callback_per_method():
+    model = sweep_cnn()
+    cb = build_callback('agp', 90, model, start_epoch=1)
+    assert type(cb) is SparsifyCallback and cb.sparsity == 90 and cb.context == 'local' and cb.schedule is agp
+    cb = build_callback('agp+lamp', 90, model)
+    assert cb.context == 'global' and cb.criteria is lamp
+    cb = build_callback('acdc+erk', 95, model, end_epoch=4)
+    assert isinstance(cb.sparsity, dict) and list(cb.sparsity) == ['0', '3', '6'] and cb.schedule is acdc
+    cb = build_callback('rigl+erk', 95, model, start_epoch=1, delta=7)  # a window is not RigL's: dropped
+    assert isinstance(cb, RigLCallback) and cb.delta == 7 and isinstance(cb.sparsity, dict)
+    with pytest.raises(ValueError, match='sparsity=101'): build_callback('agp', 101, model)
+    with pytest.raises(ValueError, match="granularity='filter'"): build_callback('rigl', 90, model, granularity='filter')
+
+
+def test_sweep_cnn_and_data():
+    model = sweep_cnn()
+    assert sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d)) == 23_184
+    dls = sweep_dls(bs=64, seed=0)
+    assert len(dls.train_ds) == 1438 and len(dls.valid_ds) == 359
+    assert tuple(dls.one_batch()[0].shape) == (64, 1, 8, 8)
+    # the held-out images do not depend on the seed
+    assert torch.equal(torch.stack([x for x, _ in sweep_dls(seed=1).valid_ds]), torch.stack([x for x, _ in dls.valid_ds]))
+
+
+def test_run_sweep_and_table():
+    cfg = SweepConfig([90], ['agp+erk', 'rigl'], epochs=2, seeds=2, seed=0)
+    lines = []
+    res = run_sweep(cfg, log=lines.append)
+    assert len(res) == len(lines) == 2 + 2 * 2
+    assert [r['method'] for r in res] == ['dense', 'dense', 'agp+erk', 'agp+erk', 'rigl', 'rigl']
+    # ERK's counts add up to the budget's floor(0.9 * 23,184) = 20,865; uniform RigL floors each layer: 20,864
+    assert [round(r['measured'] * 23_184 / 100) for r in res[2:]] == [20_865, 20_865, 20_864, 20_864]
+    assert all(0 <= r['accuracy'] <= 100 for r in res)
+    table = sweep_table(res, [90], cfg.methods)
+    rows = table.splitlines()
+    assert rows[0] == '| method | 90% |' and rows[2].startswith('| dense (0%) |')
+    mean = sum(r['accuracy'] for r in res[2:4]) / 2
+    assert re.match(rf"\| agp\+erk \| {mean:.2f} ± \d+\.\d\d \|$", rows[3])
+    assert 'over 2 seeds' in table
+
+
+def test_cli_sweep_end_to_end(tmp_path):
+    out = tmp_path / 'out'
+    res = run_cli('--sweep', '80,95', '--schedules', 'agp,acdc', '--allocation', 'erk', '--epochs', '2',
+                  '--seeds', '1', '--seed', '0', '--out', str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 'methods agp+erk, acdc+erk at 80%, 95%' in res.stdout
+    assert re.search(r"^\| acdc\+erk \| [\d.]+ ± 0\.00 \| [\d.]+ ± 0\.00 \|$", res.stdout, re.M)
+    with open(out / 'sweep.csv') as f: rows = list(csv.DictReader(f))
+    assert len(rows) == 1 + 2 * 2 and {r['method'] for r in rows} == {'dense', 'agp+erk', 'acdc+erk'}
+    assert (out / 'sweep.png').stat().st_size > 10_000
+
+
+@pytest.mark.parametrize('args, option', [
+    (['--sweep', '80,x'], '--sweep'), (['--sweep', '120'], '--sweep'), (['--sweep', ''], '--sweep'),
+    (['--sweep', '90', '--arch', 'resnet34'], '--arch'), (['--sweep', '90', '--schedules', 'rigl+lamp'], '--schedules'),
+    (['--sweep', '90', '--schedules', 'agp,agp'], '--schedules'), (['--seeds', '2'], '--seeds'),
+    (['--schedules', 'agp+wide'], '--schedules'), (['--schedules', 'rigl', '--max-lag', '0.1'], '--schedules'),
+    (['--sweep', '90', '--max-lag', '0.1'], '--max-lag'),
+])
+def test_sweep_usage_errors(args, option, capsys, tmp_path):
+    assert main([*args, '--out', str(tmp_path / 'o')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fasterai-sched: error: {option}") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / 'o').exists()
+
+
+def test_main_job_runs_rigl_and_an_allocation(tmp_path):
+    res = run_cli('--epochs', '2', '--start-epoch', '1', '--size', '16', '--max-images', '100', '--bs', '32',
+                  '--schedules', 'rigl,agp+lamp', '--allocation', 'erk', '--sparsity', '80', '--seed', '0',
+                  '--device', 'cpu', '--pretrained', 'no', '--out', str(tmp_path / 'out'))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "build_callback('rigl+erk', 80, learn.model)" in res.stdout
+    assert "build_callback('agp+lamp', 80, learn.model, start_epoch=1, end_epoch=2)" in res.stdout
+    assert res.stdout.count('Final Sparsity: 80.00%') == 2
+    assert re.search(r"^rigl\s+80\.00%", res.stdout, re.M) and re.search(r"^agp\+lamp\s+80\.00%", res.stdout, re.M)
