@@ -48,6 +48,16 @@ def epoch_lines(text):
     return [float(v) for _, v in EPOCH_RE.findall(text)]
 
 
+def printed(f):
+    "What calling `f()` prints."
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out): f()
+    return out.getvalue()
+
+
+def filters_gone(m): return int((m.weight == 0).all(dim=(1, 2, 3)).sum())
+
+
 def conv_sparsity(model, layer_type=nn.Conv2d):
     ws = [m.weight for m in model.modules() if isinstance(m, layer_type)]
     return 100. * sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)

@@ -4,15 +4,7 @@ import contextlib, io, warnings
 import pytest, torch, torch.nn as nn
 from torchvision.models import resnet18
 from fasterai_sched import *
-
-
-def printed(f):
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out): f()
-    return out.getvalue()
-
-
-def filters_gone(m): return int((m.weight == 0).all(dim=(1, 2, 3)).sum())
+from conftest import printed, filters_gone
 
 
 @pytest.fixture
