@@ -39,7 +39,7 @@ VARIANTS = {
 DEFAULT_VARIANTS = ['dense', 'agp local', 'agp global', 'steady']
 # variants with their own recompute policy: '(f=100)' is the policy before max_lag, masks every 100 steps and at
 # each epoch's end, whatever the lag; the others take the callback's defaults or the command line's
-POLICY = {'agp local (f=100)': {'max_lag': 1, 'frequency': 100}, 'agp global (f=100)': {'max_lag': 1, 'frequency': 100},
+POLICY = {'agp local (f=100)': {'max_lag': None, 'frequency': 100}, 'agp global (f=100)': {'max_lag': None, 'frequency': 100},
           # RigL updates every 10 steps here (about twice an epoch of digits at bs 64), as in the sweep
           'rigl': {'delta': 10}}
 

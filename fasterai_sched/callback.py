@@ -25,7 +25,7 @@ from .compact import compact as compact_model
 __all__ = ['SparsifyCallback']
 
 _UNSET = object()
-MAX_LAG = 0.02  # default share of the schedule's span the masks may trail the target by (docs/performance.md)
+MAX_LAG = 0.05  # default share of the schedule's span the masks may be off the target by (docs/performance.md)
 
 
 def _pick(name: str, value, alias: str, alias_value, default):
@@ -96,12 +96,13 @@ def _nm_granularity(nm, granularity):
 class SparsifyCallback(Callback):
     """Prune `layer_type` layers during `fit` following `schedule`, from `start_sparsity` to `sparsity` percent.
 
-    Masks follow the target: they are recomputed as soon as the target has moved more than `max_lag` of the
-    schedule's span (`start_sparsity` to `sparsity`) since the last recompute, so the measured sparsity never trails
-    the target by more than that, on few steps or many; also when pruning starts or ends, when the target stops
-    moving, at each epoch's last step (a catch-up of at most `max_lag`, so the epoch lines are exact) and, with
-    `frequency`, every `frequency` steps. Only when the target's unit count changed; between recomputes a step only
-    re-applies the masks.
+    Masks follow the target: after every step the masked sparsity is within `max_lag` of the schedule's span
+    (`start_sparsity` to `sparsity`) of the target, on few steps or many. A recompute takes the target of the latest
+    step of the epoch that keeps every target until then within that band (the masks lead the target, then trail
+    it), and the next comes when the target leaves the band; also when pruning starts or ends, at each epoch's last
+    step (a catch-up of at most `max_lag`, so the epoch lines are exact) and, with `frequency`, every `frequency`
+    steps. `max_lag=None` drops the band: masks change only at those points. Only when the unit counts change;
+    between recomputes a step only re-applies the masks.
 
     `coupled=True` (granularity 'filter') prunes channels in the coupled groups traced from one batch of `learn.dls`;
     `compact=True` then hands back `learn.model` without the pruned channels, with a new optimizer."""
@@ -115,7 +116,7 @@ class SparsifyCallback(Callback):
                  start_epoch: int | None = None, end_epoch: int | None = None, lth: bool = False, rewind_epoch: int = 0,
                  reset_end: bool = False, save_tickets: bool = False, model: nn.Module | None = None,
                  round_to: int | None = None, layer_type: type = nn.Conv2d, verbose: bool = True,
-                 max_lag: float = MAX_LAG, frequency: int | None = None, seed: int = 0, end_sparsity=_UNSET,
+                 max_lag: float | None = MAX_LAG, frequency: int | None = None, seed: int = 0, end_sparsity=_UNSET,
                  sched_func=_UNSET, nm: bool = False, coupled: bool = False, compact: bool = False):
         sparsity = _pick('sparsity', sparsity, 'end_sparsity', end_sparsity, _UNSET)
         if sparsity is _UNSET: raise TypeError("SparsifyCallback needs sparsity (or end_sparsity), a percent such as 90")
@@ -137,9 +138,9 @@ class SparsifyCallback(Callback):
         get_granularity(granularity, layer_type)  # raises on an unknown name, listing the valid ones
         _check_int('start_epoch', start_epoch, allow_none=True); _check_int('end_epoch', end_epoch, 1, allow_none=True)
         _check_int('rewind_epoch', rewind_epoch); _check_int('frequency', frequency, 1, allow_none=True)
-        if isinstance(max_lag, bool) or not isinstance(max_lag, Real) or not 0 <= max_lag <= 1:
-            raise ValueError(f"max_lag={max_lag!r} must be a share of the schedule's span in [0, 1] (0.02 lets the "
-                             f"masks trail the target by at most 2% of start_sparsity -> sparsity)")
+        if max_lag is not None and (isinstance(max_lag, bool) or not isinstance(max_lag, Real) or not 0 <= max_lag <= 1):
+            raise ValueError(f"max_lag={max_lag!r} must be a share of the schedule's span in [0, 1] (0.05 keeps the "
+                             f"masks within 5% of start_sparsity -> sparsity of the target) or None (no such bound)")
         if end_epoch is not None and end_epoch <= (start_epoch or 0):
             raise ValueError(f"end_epoch={end_epoch} must be after start_epoch={start_epoch or 0}")
         # given epochs win; with neither, the schedule's own window of training applies (fasterai's defaults)
@@ -484,7 +485,8 @@ class SparsifyCallback(Callback):
         self.current_sparsity = target
         counts = self._counts(target)
         if counts != self._current and self._due(step, counts, target):
-            self._update_masks(target, counts)
+            ahead = self._lead(step, target)
+            self._update_masks(ahead, self._counts(ahead))
         self._record(step, target)
 
     def after_cancel_step(self):
@@ -523,29 +525,62 @@ class SparsifyCallback(Callback):
         return [m.weight._version for m in self.sparsifier.layers.values()] != getattr(self, '_versions', None)
 
     def _due(self, step: int, counts: tuple, target) -> bool:
-        """Recompute? When the target has moved more than `max_lag` of its span since the last recompute, when pruning
-        starts or ends, when the target stops moving, at an epoch's last step (exact epoch lines), each `frequency` steps."""
+        """Recompute? When the target has left the band of `max_lag` around the masks' target, when pruning starts or
+        ends, at an epoch's last step (exact epoch lines), each `frequency` steps."""
         if self.iter == self.n_iter_fit - 1 or not any(self._current) or not any(counts): return True
         if self.frequency is not None and step % self.frequency == 0: return True
-        if self._lag(target, self._mask_target) > self.max_lag: return True
-        return self._lag(target, self._target(step + 1)) == 0  # the target settles here: no lag left behind
+        return self.max_lag is not None and self._lag(target, self._mask_target) > self.max_lag
+
+    def _spans(self, target) -> list[tuple[float, float]]:
+        "(value, span of the schedule) of each part of a target: one for a number, one per layer for a dict."
+        if isinstance(target, dict): return [(target[n], abs(self.sparsity[n] - self.start_sparsity)) for n in target]
+        return [(target, abs(self.sparsity - self.start_sparsity))]
+
+    @staticmethod
+    def _share(gap: float, span: float) -> float:
+        "A gap between two targets as a share of the schedule's span (a target that should not move: any gap is 1)."
+        return gap / span if span else float(gap != 0)
 
     def _lag(self, target, other) -> float:
         "How far apart two targets are, as a share of the schedule's span (the largest over layers for a dict)."
-        def share(a, b, end): return abs(a - b) / span if (span := abs(end - self.start_sparsity)) else float(a != b)
-        if isinstance(target, dict): return max((share(target[n], other[n], self.sparsity[n]) for n in target), default=0.)
-        return share(target, other, self.sparsity)
+        return max((self._share(abs(a - b), s) for (a, s), (b, _) in zip(self._spans(target), self._spans(other))),
+                   default=0.)
+
+    def _lead(self, step: int, target):
+        """The target the masks take at a recompute after `step`. Over the steps from here on (to this epoch's last)
+        while the targets stay within a band of twice `max_lag` of the span, the value within `max_lag` of all of them
+        that lies furthest the way they move: the masks lead the target, then trail it, never by more than `max_lag`,
+        and the target crosses the whole band before the next recompute. The epoch's last target when the band
+        reaches it (exact epoch lines), so a target that settles is held exactly."""
+        if self.max_lag is None: return target
+        parts = self._spans(target)
+        spans, lo, hi = [s for _, s in parts], [v for v, _ in parts], [v for v, _ in parts]
+        last, t, to_end = (self.epoch + 1) * self.n_iter_fit, target, True
+        for u in range(step + 1, last + 1):
+            vs = [v for v, _ in self._spans(self._target(u))]
+            lo2, hi2 = [min(a, v) for a, v in zip(lo, vs)], [max(a, v) for a, v in zip(hi, vs)]
+            if any(self._share(h - l, s) > 2 * self.max_lag for h, l, s in zip(hi2, lo2, spans)): to_end = False; break
+            lo, hi, t = lo2, hi2, self._target(u)
+        ends = self._spans(t)
+        if to_end and all(self._share(h - v, s) <= self.max_lag >= self._share(v - l, s)
+                          for h, l, (v, s) in zip(hi, lo, ends)): return t
+        up = [e >= v for (e, _), (v, _) in zip(ends, parts)]  # the way the target moves over the band
+        lead = [min(l + self.max_lag * s, h) if u else max(h - self.max_lag * s, l) for l, h, s, u in zip(lo, hi, spans, up)]
+        return dict(zip(target, lead)) if isinstance(target, dict) else lead[0]
 
     def _update_masks(self, target, counts):
+        if counts == self._current: self._mask_target = target; return  # the masks already hold this target
         sp = self.sparsifier
         opt = self.learn.opt  # an OptimWrapper keeps the torch optimizer's per-weight state in .opt
-        sp.prune(target, optimizer=opt.opt if isinstance(opt, OptimWrapper) else opt)
+        # the weights are zeroed after the optimizer step (after_step, or _settle if another callback cancels it)
+        sp.prune(target, optimizer=opt.opt if isinstance(opt, OptimWrapper) else opt, apply=False)
         self._current, self._mask_target = counts, target
         if self.lth and sp.rewind_weights:
             sp.rewind()
             self._print(f"Resetting Weights to their epoch {self.rewind_epoch} values")
         if self.save_tickets:
             self._print("Saving Intermediate Ticket")
+            sp.apply()
             self._save_ticket(target)
 
     def _save_ticket(self, target, final: bool = False):

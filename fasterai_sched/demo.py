@@ -167,6 +167,13 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def _max_lag(s: str) -> float | str:
+    "--max-lag: a number, or 'none' (no lag bound)."
+    if s.strip().lower() == 'none': return 'none'
+    try: return float(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"invalid value {s!r}: a number in [0, 1] or 'none'")
+
+
 def _number(s: str) -> float:
     try: return float(s)
     except ValueError: raise argparse.ArgumentTypeError(f"invalid number {s!r}")
@@ -207,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--end-epoch', type=_int_at_least(1), default=None,
                    help=f"the schedule reaches --sparsity when this many epochs are done, the rest fine-tunes "
                    f"[{d['end_epoch']}; --quick {QUICK['end_epoch']}; with --epochs, a third of them before the end]")
-    p.add_argument('--max-lag', type=float, default=None,
-                   help="share of the schedule's span the masks may trail the target by [SparsifyCallback's: 0.02]")
+    p.add_argument('--max-lag', type=_max_lag, default=None,
+                   help="share of the schedule's span the masks may be off the target by, or 'none' for no such bound "
+                   "(masks change at epoch ends and every --frequency steps) [SparsifyCallback's: 0.05]")
     p.add_argument('--frequency', type=_int_at_least(1), default=None,
                    help="also recompute the masks every FREQUENCY steps [none]")
     p.add_argument('--arch', default=d['arch'], choices=arch_names(), metavar='NAME', help="resnet18, resnet34, xresnet18, ...")
@@ -268,7 +276,7 @@ class Config:
     pretrained: str
     data_spec: str
     quick: bool
-    max_lag: float | None = None  # None: SparsifyCallback's own recompute policy
+    max_lag: float | str | None = None  # None: SparsifyCallback's own recompute policy; 'none': no lag bound
     frequency: int | None = None
     reduction: str | None = None
     coupled: bool = False
@@ -309,7 +317,7 @@ def make_config(args: argparse.Namespace) -> Config:
     except (TypeError, ValueError) as e: raise UsageError('--sparsity', e) from e
     try: get_granularity(args.granularity, nn.Conv2d)
     except (TypeError, ValueError) as e: raise UsageError('--granularity', e) from e
-    if args.max_lag is not None and not 0 <= args.max_lag <= 1:
+    if isinstance(args.max_lag, float) and not 0 <= args.max_lag <= 1:
         raise UsageError('--max-lag', f"{args.max_lag:g} must be a share of the schedule's span in [0, 1]")
     coupled, compact = getattr(args, 'coupled', False), getattr(args, 'compact', False)
     if coupled and args.granularity != 'filter':
@@ -419,13 +427,14 @@ def callback_call(cfg: Config, schedule: str) -> str:
     return (f"SparsifyCallback(sparsity={cfg.sparsity:g}, granularity={cfg.granularity!r}, context={cfg.context!r}, "
             f"criteria={cfg.criteria}, schedule={schedule}, start_epoch={cfg.start_epoch}"
             + (f", end_epoch={cfg.end_epoch}" if cfg.end_epoch else "")
-            + ''.join(f", {k}={v:g}" for k, v in _policy(cfg).items())
+            + ''.join(f", {k}={v if v is None else format(v, 'g')}" for k, v in _policy(cfg).items())
             + (", coupled=True" if cfg.coupled else "") + (", compact=True" if cfg.compact else "") + ")")
 
 
 def _policy(cfg: Config) -> dict:
     "The recompute options the command line set (the callback's defaults otherwise)."
-    return {k: v for k, v in [('max_lag', cfg.max_lag), ('frequency', cfg.frequency)] if v is not None}
+    lag = None if cfg.max_lag == 'none' else cfg.max_lag
+    return {k: v for k, v in [('max_lag', lag), ('frequency', cfg.frequency)] if v is not None or k == 'max_lag' and cfg.max_lag}
 
 
 def _criteria(cfg: Config):

@@ -9,7 +9,7 @@ import argparse, dataclasses, json, statistics, sys
 from pathlib import Path
 from fasterai_sched import demo
 
-OLD = {'agp, every 100 steps (old default)': dict(max_lag=1, frequency=100)}
+OLD = {'agp, every 100 steps (old default)': dict(max_lag='none', frequency=100)}
 
 
 def main(argv=None):
