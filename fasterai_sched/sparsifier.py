@@ -8,7 +8,7 @@ import torch, torch.nn as nn
 import torch.distributed as dist
 from .granularity import Granularity, NMGranularity, get_granularity
 from .criteria import Criteria, CRITERIA, large_final
-from .selection import lowest_k, lowest_k_held, count_true
+from .selection import lowest_k, lowest_k_held, count_true, map_layers
 from .structure import trace, channel_groups, following_norms, modules_run, _depthwise
 
 __all__ = ['Sparsifier', 'lowest_k', 'n_to_prune', 'check_sparsity', 'unwrap_model', 'warn_if_fraction', 'prunable_layers']
@@ -241,22 +241,41 @@ class Sparsifier:
 
     def scores(self) -> dict[str, torch.Tensor]:
         "One score per unit for every layer, shaped as the layer's units; raises naming a layer with NaN or Inf."
-        out = {}
-        for i, (n, m) in enumerate(self.layers.items()):
-            gen = None
-            if self.criteria.seeded:  # the same draws on every process and every call: masks nest as sparsity grows
-                gen = torch.Generator(device=m.weight.device).manual_seed(_seed(self.seed, i))
-            if self.criteria.needs_grad and m.weight.grad is None and not getattr(self.criteria, 'grad_optional', False):
-                why = "it is frozen (requires_grad=False)" if not m.weight.requires_grad else "prune after a backward pass"
-                raise RuntimeError(f"criteria {self.criteria.name} needs gradients, and layer {n!r} has none: {why}")
-            out[n] = self.criteria(m.weight, self.reference.get(n), m.weight.grad, gen, self.activation_scale.get(n))
-            if out[n].shape != m.weight.shape:
-                raise ValueError(f"criteria {self.criteria.name} gave scores of shape {tuple(out[n].shape)} for layer {n!r}, "
-                                 f"whose weight has shape {tuple(m.weight.shape)}: a criteria scores every weight")
-        finite = torch.stack([torch.stack(torch.aminmax(s)) for s in out.values()]).isfinite().all(1).tolist()
-        bad = [n for n, ok in zip(out, finite) if not ok]
-        if bad: raise ValueError(f"criteria {self.criteria.name} gave NaN or Inf scores for layer {bad[0]!r}")
+        out = {n: self._score(i, n, m) for i, (n, m) in enumerate(self.layers.items())}
+        self._check_finite(out)
         return out
+
+    def _score(self, i: int, n: str, m: nn.Module) -> torch.Tensor:
+        "The scores of layer `n` (the i-th), one per weight."
+        gen = None
+        if self.criteria.seeded:  # the same draws on every process and every call: masks nest as sparsity grows
+            gen = torch.Generator(device=m.weight.device).manual_seed(_seed(self.seed, i))
+        if self.criteria.needs_grad and m.weight.grad is None and not getattr(self.criteria, 'grad_optional', False):
+            why = "it is frozen (requires_grad=False)" if not m.weight.requires_grad else "prune after a backward pass"
+            raise RuntimeError(f"criteria {self.criteria.name} needs gradients, and layer {n!r} has none: {why}")
+        out = self.criteria(m.weight, self.reference.get(n), m.weight.grad, gen, self.activation_scale.get(n))
+        if out.shape != m.weight.shape:
+            raise ValueError(f"criteria {self.criteria.name} gave scores of shape {tuple(out.shape)} for layer {n!r}, "
+                             f"whose weight has shape {tuple(m.weight.shape)}: a criteria scores every weight")
+        return out
+
+    def _check_finite(self, scores: dict[str, torch.Tensor]) -> None:
+        finite = torch.stack([torch.stack(torch.aminmax(s)) for s in scores.values()]).isfinite().all(1).tolist()
+        bad = [n for n, ok in zip(scores, finite) if not ok]
+        if bad: raise ValueError(f"criteria {self.criteria.name} gave NaN or Inf scores for layer {bad[0]!r}")
+
+    def _local_masks(self, targets: dict[str, float]) -> tuple[dict, dict]:
+        """Local context on CPU, layer by layer: scores, unit scores, selection and weight mask while the layer's scores
+        are still in cache, two layers at a time (torch and numpy release the GIL). (keep masks, pruned units)."""
+        def one(i, n, m):
+            e = self._score(i, n, m)
+            self._check_finite({n: e})
+            u = self.criteria.unit_scores(e, self.granularity[n])
+            p = lowest_k(u.flatten(), self._round(n, n_to_prune(targets[n], u.numel()), targets[n]))
+            return self.granularity[n].weight_mask(~p.view(u.shape), e), p
+        jobs = [(i, n, m) for i, (n, m) in enumerate(self.layers.items())]
+        done = map_layers(one, jobs, [m.weight.numel() for m in self.layers.values()])
+        return {n: r[0] for n, r in zip(self.layers, done)}, {n: r[1] for n, r in zip(self.layers, done)}
 
     def _round(self, n: str, k: int, sparsity: float) -> int:
         "Units to prune once the kept count is a multiple of `round_to` (nearest; at least one multiple below 100%)."
@@ -299,16 +318,19 @@ class Sparsifier:
 
         Under an initialized torch.distributed group this is a collective: call it on every rank; all take rank 0's masks."""
         targets = self._targets_per_layer(sparsity)
-        elem = self.scores()
-        if self.coupled: units = {n: g.unit_scores(elem, self._layer_names) for n, g in self.groups.items()}
-        else: units = {n: self.criteria.unit_scores(e, self.granularity[n]) for n, e in elem.items()}
-        pruned = self._select(units, targets)
-        new = {}
-        if self.coupled: new = {n: ~p.view(-1).to(self.layers[n].weight.device) for n, p in pruned.items()}
+        if self.context == 'local' and not self.coupled and all(m.weight.device.type == 'cpu' for m in self.layers.values()):
+            new, pruned = self._local_masks(targets)
         else:
-            for n, m in self.layers.items():
-                keep = ~pruned[n].view(units[n].shape)
-                new[n] = self.granularity[n].weight_mask(keep, elem[n]).to(m.weight.device)
+            elem = self.scores()
+            if self.coupled: units = {n: g.unit_scores(elem, self._layer_names) for n, g in self.groups.items()}
+            else: units = {n: self.criteria.unit_scores(e, self.granularity[n]) for n, e in elem.items()}
+            pruned = self._select(units, targets)
+            new = {}
+            if self.coupled: new = {n: ~p.view(-1).to(self.layers[n].weight.device) for n, p in pruned.items()}
+            else:
+                for n, m in self.layers.items():
+                    keep = ~pruned[n].view(units[n].shape)
+                    new[n] = self.granularity[n].weight_mask(keep, elem[n]).to(m.weight.device)
         new, pruned = _from_rank0(new, pruned)  # ranks agree even where their scores differ
         self._set_masks(new, optimizer, apply)
         self.n_pruned = dict(zip(pruned, count_true(list(pruned.values()))))

@@ -67,8 +67,8 @@ ROWS = [
      "layer_type=BatchNorm2d has no registered granularity; register one with register_granularity or use one of […"),
     ('frequency', "SparsifyCallback(sparsity=90, frequency=0)", ValueError, "frequency=0 must be an integer >= 1 or None"),
     ('max_lag', "SparsifyCallback(sparsity=90, max_lag=1.5)", ValueError,
-     "max_lag=1.5 must be a share of the schedule's span in [0, 1] (0.02 lets the masks trail the target by at most 2% "
-     "of start_sparsity -> sparsity)"),
+     "max_lag=1.5 must be a share of the schedule's span in [0, 1] (0.05 keeps the masks within 5% of start_sparsity "
+     "-> sparsity of the target) or None (no such bound)"),
     ('seed', "SparsifyCallback(sparsity=90, seed=1.5)", TypeError, "seed=1.5 must be an integer"),
     ('(a misspelt name)', "SparsifyCallback(sparsity=90, sparse=80)", TypeError, "got an unexpected keyword argument 'sparse'"),
     # SparsifyCallback, in before_fit (it needs the learner) or at the first mask change

@@ -318,6 +318,62 @@ def test_lowest_k_matches_a_stable_sort(values, data):
     assert torch.equal(lowest_k(scores, k), expected)
 
 
+def stable_lowest(scores, k):
+    "The reference: the k lowest by a stable sort (lower score first, then lower index)."
+    out = torch.zeros(scores.numel(), dtype=torch.bool); out[scores.argsort(stable=True)[:k]] = True
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=60), min_size=1, max_size=5), st.data())
+def test_global_selection_layer_by_layer_holds_each_best_back(layers, data):
+    "lowest_k_held (CPU, no concatenated copy) prunes the k lowest over all layers once each layer's best is held back."
+    from fasterai_sched.selection import lowest_k_held
+    flat = [torch.tensor(v, dtype=torch.float32) for v in layers]
+    k = data.draw(st.integers(0, sum(map(len, layers)) - len(layers)))
+    allv = torch.cat(flat)
+    starts = torch.tensor([0] + [len(v) for v in layers[:-1]]).cumsum(0)
+    allv[starts + torch.stack([v.argmax() for v in flat])] = math.inf  # argmax: the first of equal maxima
+    expected = stable_lowest(allv, k).split([len(v) for v in layers])
+    got = lowest_k_held(flat, k)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_global_selection_layer_by_layer_large_with_ties():
+    "Past the bracketing size too: 3 layers, 1.2M scores with many ties and a block of zeros."
+    from fasterai_sched.selection import lowest_k_held
+    g = torch.Generator().manual_seed(1)
+    flat = [torch.randint(0, 300, (n,), generator=g).float() for n in (600_000, 400_000, 200_000)]
+    flat[1][:250_000] = 0
+    sizes = [v.numel() for v in flat]
+    for k in (1, 250_000, 700_000, 1_199_997):
+        allv = torch.cat(flat)
+        allv[torch.tensor([0, 600_000, 1_000_000]) + torch.stack([v.argmax() for v in flat])] = math.inf
+        assert all(torch.equal(a, b) for a, b in zip(lowest_k_held(flat, k), stable_lowest(allv, k).split(sizes)))
+
+
+def test_local_masks_the_same_with_two_threads(monkeypatch):
+    "On CPU local masks are computed two layers at a time: the same masks and counts as one at a time."
+    import fasterai_sched.selection as S
+    def pruned(min_size, threads):
+        monkeypatch.setattr(S, '_POOL_MIN', min_size)
+        before = torch.get_num_threads(); torch.set_num_threads(threads)
+        try:
+            torch.manual_seed(0); model = small_net(c=16)
+            with torch.no_grad():
+                for m in model.modules():
+                    if isinstance(m, nn.Conv2d): m.weight.copy_(torch.randint(-3, 4, m.weight.shape).float())
+            sp = Sparsifier(model, 'weight', 'local', large_final); sp.prune(63)
+            return sp.masks, sp.n_pruned
+        finally: torch.set_num_threads(before)
+    monkeypatch.setattr(S, '_POOL', None)
+    (a, na) = pruned(1 << 40, 1)
+    assert S._POOL is None  # one thread: no pool
+    (b, nb) = pruned(0, 2)
+    assert S._POOL is not None  # the threaded path ran
+    assert na == nb and all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_n_to_prune_is_exact():
     assert n_to_prune(90, 8192) == 7372 and n_to_prune(90, 11_166_912) == 10_050_220
     assert n_to_prune(29.70703125, 1024) == 304 and n_to_prune(100, 7) == 7 and n_to_prune(0, 7) == 0
