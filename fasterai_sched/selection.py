@@ -4,7 +4,6 @@ On CPU the passes over the scores run in numpy (single-threaded and SIMD: severa
 two-thread comparisons on a loaded 2-core machine); on CUDA they are torch kernels with a few host reads."""
 from __future__ import annotations
 import functools, math
-from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
@@ -121,7 +120,7 @@ def _lowest_k_numpy(x: np.ndarray, k: int) -> np.ndarray:
         n_le = int(np.count_nonzero(le_lo))
         if n_le < k:
             np.logical_and(np.logical_not(le_lo, out=le_lo), x <= hi, out=le_lo)  # lo < x <= hi
-            inside = x[le_lo]
+            inside = np.extract(le_lo, x)  # faster than x[le_lo] for a few percent True
             if n_le + inside.size >= k:
                 t = _nth(inside, k - n_le - 1, inside=True)
                 return _at_most(x, t, k, n_le + int(np.count_nonzero(inside <= t)))
@@ -169,7 +168,7 @@ def lowest_k_held(scores: list[torch.Tensor], k: int) -> list[torch.Tensor] | No
             for x, b, i in zip(xs, le, best):
                 np.logical_and(np.logical_not(b, out=b), x <= hi, out=b)  # lo < x <= hi
                 b[i] = False  # the held-back score is never inside
-                parts.append(x[b])
+                parts.append(np.extract(b, x))
             inside = np.concatenate(parts)
             if n_le + inside.size >= k:
                 t = _nth(inside, k - n_le - 1, inside=True)
@@ -195,22 +194,6 @@ def lowest_k_held(scores: list[torch.Tensor], k: int) -> list[torch.Tensor] | No
             eq = eq[eq != i][:need]
             o[eq] = True; need -= eq.size
     return [torch.from_numpy(o) for o in outs]
-
-
-_POOL: ThreadPoolExecutor | None = None
-_POOL_MIN = 1 << 20  # weights below which one thread does it all
-
-
-def map_layers(fn, jobs: list[tuple], sizes: list[int]) -> list:
-    """`[fn(*job) for job in jobs]`, two at a time in threads (largest first) when there is enough work and torch has
-    more than one thread: numpy's and torch's passes over large arrays release the GIL. The first error in job order
-    is raised."""
-    global _POOL
-    if len(jobs) < 2 or sum(sizes) < _POOL_MIN or torch.get_num_threads() < 2: return [fn(*j) for j in jobs]
-    if _POOL is None: _POOL = ThreadPoolExecutor(2, thread_name_prefix='fasterai_sched')
-    order = sorted(range(len(jobs)), key=lambda i: -sizes[i])
-    futures = {i: _POOL.submit(fn, *jobs[i]) for i in order}
-    return [futures[i].result() for i in range(len(jobs))]
 
 
 def count_true(masks: list[torch.Tensor]) -> list[int]:

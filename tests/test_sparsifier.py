@@ -352,28 +352,6 @@ def test_global_selection_layer_by_layer_large_with_ties():
         assert all(torch.equal(a, b) for a, b in zip(lowest_k_held(flat, k), stable_lowest(allv, k).split(sizes)))
 
 
-def test_local_masks_the_same_with_two_threads(monkeypatch):
-    "On CPU local masks are computed two layers at a time: the same masks and counts as one at a time."
-    import fasterai_sched.selection as S
-    def pruned(min_size, threads):
-        monkeypatch.setattr(S, '_POOL_MIN', min_size)
-        before = torch.get_num_threads(); torch.set_num_threads(threads)
-        try:
-            torch.manual_seed(0); model = small_net(c=16)
-            with torch.no_grad():
-                for m in model.modules():
-                    if isinstance(m, nn.Conv2d): m.weight.copy_(torch.randint(-3, 4, m.weight.shape).float())
-            sp = Sparsifier(model, 'weight', 'local', large_final); sp.prune(63)
-            return sp.masks, sp.n_pruned
-        finally: torch.set_num_threads(before)
-    monkeypatch.setattr(S, '_POOL', None)
-    (a, na) = pruned(1 << 40, 1)
-    assert S._POOL is None  # one thread: no pool
-    (b, nb) = pruned(0, 2)
-    assert S._POOL is not None  # the threaded path ran
-    assert na == nb and all(torch.equal(a[n], b[n]) for n in a)
-
-
 def test_n_to_prune_is_exact():
     assert n_to_prune(90, 8192) == 7372 and n_to_prune(90, 11_166_912) == 10_050_220
     assert n_to_prune(29.70703125, 1024) == 304 and n_to_prune(100, 7) == 7 and n_to_prune(0, 7) == 0
