@@ -102,3 +102,29 @@ def test_max_lag_none_changes_masks_only_at_epoch_ends_and_each_frequency_steps(
 def test_bad_max_lag(bad):
     with pytest.raises(ValueError, match=r"max_lag=.* must be a share of the schedule's span in \[0, 1\]"):
         SparsifyCallback(sparsity=90, max_lag=bad)
+
+
+def test_per_layer_targets_each_stay_within_max_lag_of_their_span():
+    "A dict of per-layer targets (an allocation): every layer's masks within max_lag of its own span, after every step."
+    learn = small_learner()
+    learn.dls = small_dls(n=160, bs=20)  # 6 training steps per epoch
+    targets = {'0': 50., '3': 80., '6': 95.}
+    cb = SparsifyCallback(sparsity=targets, schedule=fs.agp, start_epoch=START, end_epoch=END, max_lag=0.1)
+    per_layer = []
+
+    class PerLayer(Callback):
+        order = 100
+        def after_step(self):
+            per_layer.append({n: 100 * float((learn.model[int(n)].weight == 0).float().mean()) for n in targets})
+
+    lines = epoch_lines(fit_capture(learn, N_EPOCH, [cb, PerLayer()]))
+    assert len(per_layer) == N_EPOCH * 6 and len(lines) == N_EPOCH
+    ahead = behind = False
+    for step, got in enumerate(per_layer, 1):
+        want = cb._target(step)
+        for n, end in targets.items():
+            size = learn.model[int(n)].weight.numel()
+            assert abs(got[n] - want[n]) <= 0.1 * end + 100 / size, (step, n, got[n], want[n])
+            ahead |= got[n] > want[n] + 100 / size; behind |= got[n] < want[n] - 100 / size
+    assert ahead and behind
+    assert per_layer[-1] == pytest.approx(targets, abs=0.01)  # the epoch lines' exact end
