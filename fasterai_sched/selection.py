@@ -27,9 +27,11 @@ def _sample_positions(n: int, m: int, device: torch.device) -> torch.Tensor:
 
 
 def _bracketed_kth(scores: torch.Tensor, k: int):
-    """The k-th smallest found among the few scores inside a bracket [lo, hi] estimated from a fixed random sample:
-    (value, count below lo, indices and values of the scores inside), or None when the bracket misses it.
-    A few host syncs, once per selection; every pass over all scores is a comparison or a count."""
+    """The k-th smallest found from a bracket [lo, hi] estimated from a fixed random sample: (value, count of scores
+    <= lo, indices and values of the scores in (lo, hi]), with None for the last three when the k-th smallest is lo
+    itself, or None when the bracket misses it. The scores equal to lo are counted, not gathered: after a recompute the
+    k-th smallest often sits at the edge of the block of zeros of the weights pruned so far. A few host syncs, once per
+    selection; every pass over all scores is a comparison or a count."""
     n, m = scores.numel(), _SAMPLE
     sample = scores[_sample_positions(n, m, scores.device)]
     # the k-th smallest sits near rank k*m/n of the sample; 4 standard deviations of that rank either side
@@ -40,29 +42,29 @@ def _bracketed_kth(scores: torch.Tensor, k: int):
     else:  # one sort and one read back for both ends
         ends = sample.sort().values[torch.tensor([max(lo_r, 0), min(hi_r, m - 1)], device=sample.device)].tolist()
         lo, hi = (ends[0] if lo_r >= 0 else -math.inf), (ends[1] if hi_r < m else math.inf)
-    below = scores < lo
-    n_lo = int(below.count_nonzero())
-    if n_lo >= k: return None
-    idx = (scores <= hi).logical_xor_(below).nonzero().squeeze(1)  # lo <= s <= hi
-    if n_lo + idx.numel() < k: return None
+    at_or_below = scores <= lo
+    n_le = int(at_or_below.count_nonzero())
+    if n_le >= k:  # the k-th smallest is lo itself, or the bracket missed low
+        if n_le - int((scores == lo).count_nonzero()) < k: return scores.new_tensor(lo), None, None, None
+        return None
+    idx = (scores <= hi).logical_xor_(at_or_below).nonzero().squeeze(1)  # lo < s <= hi
+    if n_le + idx.numel() < k: return None
     inside = scores[idx]
-    t = inside[0] if lo == hi else _small_kth(inside, k - n_lo)  # lo == hi: every score inside equals it
-    return t, n_lo, idx, inside
+    return _small_kth(inside, k - n_le), n_le, idx, inside
 
 
 def _lowest_k_bracketed(scores: torch.Tensor, k: int) -> torch.Tensor:
     "`lowest_k` for 0 < k < n: a single comparison pass over all scores unless ties straddle the k-th smallest."
     got = _bracketed_kth(scores, k) if scores.numel() >= _DIRECT else None
-    if got is None:
-        t = _kth_direct(scores, k)
-        out = scores <= t
-        if out.count_nonzero() == k: return out
-    else:
-        t, n_lo, idx, inside = got
-        if n_lo + int((inside <= t).count_nonzero()) == k: return scores <= t
-        out = scores < t  # every score equal to t is inside the bracket: the lowest indices complete the count
-        out[idx[inside == t][:k - n_lo - int((inside < t).count_nonzero())]] = True
+    if got is not None and got[1] is not None:
+        t, n_le, idx, inside = got
+        if n_le + int((inside <= t).count_nonzero()) == k: return scores <= t
+        out = scores < t  # every score equal to t (> lo) is inside the bracket: the lowest indices complete the count
+        out[idx[inside == t][:k - n_le - int((inside < t).count_nonzero())]] = True
         return out
+    t = _kth_direct(scores, k) if got is None else got[0]
+    out = scores <= t
+    if out.count_nonzero() == k: return out
     below = scores < t  # ties: the lowest indices among the scores equal to t complete the count
     below[(scores == t).nonzero().squeeze(1)[:k - int(below.count_nonzero())]] = True
     return below
