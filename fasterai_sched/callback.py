@@ -99,9 +99,9 @@ class SparsifyCallback(Callback):
     Masks follow the target: after every step the masked sparsity is within `max_lag` of the schedule's span
     (`start_sparsity` to `sparsity`) of the target, on few steps or many. A recompute takes the target of the latest
     step of the epoch that keeps every target until then within that band (the masks lead the target, then trail
-    it), and the next comes when the target leaves the band; also when pruning starts or ends, at each epoch's last
-    step (a catch-up of at most `max_lag`, so the epoch lines are exact) and, with `frequency`, every `frequency`
-    steps. `max_lag=None` drops the band: masks change only at those points. Only when the unit counts change;
+    it), and the next comes when the target leaves the band; also at each epoch's last step (a catch-up of at most
+    `max_lag`, so the epoch lines are exact) and, with `frequency`, every `frequency` steps. `max_lag=None` drops the
+    band: masks change only at those points and where pruning starts or ends. Only when the unit counts change;
     between recomputes a step only re-applies the masks.
 
     `coupled=True` (granularity 'filter') prunes channels in the coupled groups traced from one batch of `learn.dls`;
@@ -307,7 +307,7 @@ class SparsifyCallback(Callback):
         for i in range(101): self._target_probe(i / 100)
         self.n_iter_fit = len(self.learn.dls.train)
         self._current = self._counts_now()
-        self._mask_target = self._target(self._resume_at * self.n_iter_fit)  # what the masks held at this fit's start
+        self._mask_target = None  # the masks' target is not known until this fit's first recompute
         self._steps_in_epoch, self.history = 0, []
         self._keep_or_read_state(fresh)
         self._mark_weights()
@@ -525,11 +525,12 @@ class SparsifyCallback(Callback):
         return [m.weight._version for m in self.sparsifier.layers.values()] != getattr(self, '_versions', None)
 
     def _due(self, step: int, counts: tuple, target) -> bool:
-        """Recompute? When the target has left the band of `max_lag` around the masks' target, when pruning starts or
-        ends, at an epoch's last step (exact epoch lines), each `frequency` steps."""
-        if self.iter == self.n_iter_fit - 1 or not any(self._current) or not any(counts): return True
+        """Recompute? At an epoch's last step (exact epoch lines), each `frequency` steps, and when the target has left
+        the band of `max_lag` around the masks' target; with `max_lag=None`, when pruning starts or ends instead."""
+        if self.iter == self.n_iter_fit - 1: return True
         if self.frequency is not None and step % self.frequency == 0: return True
-        return self.max_lag is not None and self._lag(target, self._mask_target) > self.max_lag
+        if self.max_lag is None: return not any(self._current) or not any(counts)
+        return self._mask_target is None or self._lag(target, self._mask_target) > self.max_lag
 
     def _spans(self, target) -> list[tuple[float, float]]:
         "(value, span of the schedule) of each part of a target: one for a number, one per layer for a dict."
@@ -557,10 +558,11 @@ class SparsifyCallback(Callback):
         spans, lo, hi = [s for _, s in parts], [v for v, _ in parts], [v for v, _ in parts]
         last, t, to_end = (self.epoch + 1) * self.n_iter_fit, target, True
         for u in range(step + 1, last + 1):
-            vs = [v for v, _ in self._spans(self._target(u))]
+            tu = self._target(u)
+            vs = [v for v, _ in self._spans(tu)]
             lo2, hi2 = [min(a, v) for a, v in zip(lo, vs)], [max(a, v) for a, v in zip(hi, vs)]
             if any(self._share(h - l, s) > 2 * self.max_lag for h, l, s in zip(hi2, lo2, spans)): to_end = False; break
-            lo, hi, t = lo2, hi2, self._target(u)
+            lo, hi, t = lo2, hi2, tu
         ends = self._spans(t)
         if to_end and all(self._share(h - v, s) <= self.max_lag >= self._share(v - l, s)
                           for h, l, (v, s) in zip(hi, lo, ends)): return t
@@ -572,15 +574,13 @@ class SparsifyCallback(Callback):
         if counts == self._current: self._mask_target = target; return  # the masks already hold this target
         sp = self.sparsifier
         opt = self.learn.opt  # an OptimWrapper keeps the torch optimizer's per-weight state in .opt
-        # the weights are zeroed after the optimizer step (after_step, or _settle if another callback cancels it)
-        sp.prune(target, optimizer=opt.opt if isinstance(opt, OptimWrapper) else opt, apply=False)
+        sp.prune(target, optimizer=opt.opt if isinstance(opt, OptimWrapper) else opt)
         self._current, self._mask_target = counts, target
         if self.lth and sp.rewind_weights:
             sp.rewind()
             self._print(f"Resetting Weights to their epoch {self.rewind_epoch} values")
         if self.save_tickets:
             self._print("Saving Intermediate Ticket")
-            sp.apply()
             self._save_ticket(target)
 
     def _save_ticket(self, target, final: bool = False):

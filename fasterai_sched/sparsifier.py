@@ -312,9 +312,8 @@ class Sparsifier:
         return {n: p.to(unit_scores[n].device) for n, p in out.items()}
 
     @torch.no_grad()
-    def prune(self, sparsity: float | dict, optimizer=None, apply: bool = True) -> None:
-        """Mask each layer (or all layers, globally) to `sparsity` percent of its units, then zero the pruned weights
-        (`apply=False` leaves that to the next `apply()`: SparsifyCallback zeroes them after the optimizer step).
+    def prune(self, sparsity: float | dict, optimizer=None) -> None:
+        """Mask each layer (or all layers, globally) to `sparsity` percent of its units, then zero the pruned weights.
 
         Under an initialized torch.distributed group this is a collective: call it on every rank; all take rank 0's masks."""
         targets = self._targets_per_layer(sparsity)
@@ -332,7 +331,7 @@ class Sparsifier:
                     keep = ~pruned[n].view(units[n].shape)
                     new[n] = self.granularity[n].weight_mask(keep, elem[n]).to(m.weight.device)
         new, pruned = _from_rank0(new, pruned)  # ranks agree even where their scores differ
-        self._set_masks(new, optimizer, apply)
+        self._set_masks(new, optimizer)
         self.n_pruned = dict(zip(pruned, count_true(list(pruned.values()))))
         self.sparsity_target = sparsity
         self._update_masked_pct()
@@ -416,9 +415,9 @@ class Sparsifier:
         self.apply()
         torch.save(unwrap_model(model) if model is not None else self.model, path)
 
-    def _set_masks(self, new: dict[str, torch.Tensor], optimizer=None, apply: bool = True) -> None:
+    def _set_masks(self, new: dict[str, torch.Tensor], optimizer=None) -> None:
         "Install `new` masks; weights that come back restart at zero with fresh optimizer state."
-        if self.coupled: return self._set_group_masks(new, optimizer, apply)
+        if self.coupled: return self._set_group_masks(new, optimizer)
         self.regrown = _regrown(new, self.masks)
         for n, where in self.regrown.items():
             if n in self._found: where = where & ~self._found[n]  # found at zero, never pruned: only unmasked
@@ -430,7 +429,7 @@ class Sparsifier:
                     reset_optimizer_state(optimizer, p, w)
         self.masks, self._found = new, {}  # from now on every masked unit is one this run chose
         self._build_targets()
-        if apply: self.apply()
+        self.apply()
 
     def _restart_channels(self, n: str, where: torch.Tensor, ch: torch.Tensor) -> None:
         """Regrown whole output channels start as new ones: weights drawn as PyTorch initializes a fresh layer
@@ -659,13 +658,13 @@ class Sparsifier:
         self.n_pruned = {n: int((~k).sum()) for n, k in new.items()}
         self._update_masked_pct()
 
-    def _set_group_masks(self, new: dict[str, torch.Tensor], optimizer=None, apply: bool = True) -> None:
+    def _set_group_masks(self, new: dict[str, torch.Tensor], optimizer=None) -> None:
         "Install group masks; regrown channels restart as new ones (see `_restart_group`)."
         self.regrown = _regrown(new, self.masks)
         for n, where in self.regrown.items(): self._restart_group(n, where, optimizer)
         self.masks = new
         self._build_targets()
-        if apply: self.apply()
+        self.apply()
 
     def _restart_group(self, n: str, where: torch.Tensor, optimizer=None) -> None:
         """Regrown group channels start as new ones: filters drawn as a fresh layer's (uniform within 1/sqrt(fan_in)),

@@ -128,3 +128,37 @@ def test_per_layer_targets_each_stay_within_max_lag_of_their_span():
             ahead |= got[n] > want[n] + 100 / size; behind |= got[n] < want[n] - 100 / size
     assert ahead and behind
     assert per_layer[-1] == pytest.approx(targets, abs=0.01)  # the epoch lines' exact end
+
+
+def test_criteria_against_the_previous_weights_see_pruned_weights_at_zero():
+    """updating_movement compares with the weights at the last recompute: those must hold the pruned weights at zero,
+    or pruned weights score high and come back at the next recompute (on a rising schedule nothing should regrow)."""
+    from unittest import mock
+    import fasterai_sched.sparsifier as S
+    learn = small_learner()
+    learn.dls = small_dls(n=160, bs=20)
+    cb = SparsifyCallback(sparsity=80, schedule=fs.lin, start_epoch=0, criteria=fs.updating_movement)
+    seen, prune = [], S.Sparsifier.prune
+    def spy(self, *a, **k):
+        out = prune(self, *a, **k)
+        left = sum(int((self.reference[n][~self.masks[n].expand_as(self.reference[n])] != 0).sum()) for n in self.layers)
+        seen.append((left, sum(int(r.sum()) for r in self.regrown.values())))
+        return out
+    with mock.patch.object(S.Sparsifier, 'prune', spy): fit_capture(learn, 3, [cb])
+    assert len(seen) > 5 and all(left == 0 and back == 0 for left, back in seen), seen
+
+
+def test_a_target_falling_to_zero_does_not_rescan_every_step():
+    """dsd ends at 0: once the masks are released within the band, the last steps neither prune nor look ahead again
+    (each look ahead is followed by new masks; it used to run at every step of that tail, to no effect)."""
+    from unittest import mock
+    import fasterai_sched.sparsifier as S
+    learn = small_learner()
+    learn.dls = small_dls(n=2400, bs=20)  # 90 steps an epoch
+    cb = SparsifyCallback(sparsity=80, schedule=fs.dsd, start_epoch=0)
+    leads, prunes, lead, prune = [], [], SparsifyCallback._lead, S.Sparsifier.prune
+    def counting_lead(self, *a, **k): leads.append(1); return lead(self, *a, **k)
+    def counting_prune(self, *a, **k): prunes.append(1); return prune(self, *a, **k)
+    with mock.patch.object(SparsifyCallback, '_lead', counting_lead), mock.patch.object(S.Sparsifier, 'prune', counting_prune):
+        fit_capture(learn, 2, [cb])
+    assert len(leads) == len(prunes) <= 30
