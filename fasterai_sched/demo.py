@@ -433,8 +433,8 @@ def callback_call(cfg: Config, schedule: str) -> str:
 
 def _policy(cfg: Config) -> dict:
     "The recompute options the command line set (the callback's defaults otherwise)."
-    lag = None if cfg.max_lag == 'none' else cfg.max_lag
-    return {k: v for k, v in [('max_lag', lag), ('frequency', cfg.frequency)] if v is not None or k == 'max_lag' and cfg.max_lag}
+    out = {} if cfg.max_lag is None else {'max_lag': None if cfg.max_lag == 'none' else cfg.max_lag}
+    return out | ({} if cfg.frequency is None else {'frequency': cfg.frequency})
 
 
 def _criteria(cfg: Config):

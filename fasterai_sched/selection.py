@@ -106,96 +106,74 @@ def _nth(a: np.ndarray, r: int, inside: bool = False):
 
 
 def _lowest_k_numpy(x: np.ndarray, k: int) -> np.ndarray:
-    """`lowest_k` for 0 < k < n over a 1-d numpy array, in few passes over the scores: a bracket [lo, hi] from a fixed
-    sample, one count of the scores <= lo, the few scores inside (lo, hi] gathered to find the k-th smallest t, one
-    comparison with t. The scores equal to lo are counted, not gathered: after a recompute the k-th smallest often
-    sits at the edge of a large block of equal scores (the zeros of the weights pruned so far)."""
-    n = x.size
-    if n >= _DIRECT_CPU:
-        # the sample that balances its own sort against the scores left inside the bracket grows as n^(2/3)
-        m = min(_SAMPLE, max(16, int((2 * n) ** (2 / 3))))
-        sample = np.sort(x[_sample_positions(n, m, torch.device('cpu')).numpy()])
-        lo_r, hi_r = _sample_bracket(k, n, m)
-        lo = sample[lo_r] if lo_r >= 0 else -np.inf
-        hi = sample[hi_r] if hi_r < m else np.inf
-        le_lo = x <= lo
-        n_le = int(np.count_nonzero(le_lo))
-        if n_le < k:
-            np.logical_and(np.logical_not(le_lo, out=le_lo), x <= hi, out=le_lo)  # lo < x <= hi
-            inside = np.extract(le_lo, x)  # faster than x[le_lo] for a few percent True
-            if n_le + inside.size >= k:
-                t = _nth(inside, k - n_le - 1, inside=True)
-                return _at_most(x, t, k, n_le + int(np.count_nonzero(inside <= t)))
-        elif n_le - int(np.count_nonzero(x == lo)) < k:  # the k-th smallest is lo itself
-            return _at_most(x, lo, k, n_le)
-    t = _nth(x, k - 1)  # small, or the bracket missed: the k-th smallest of all scores
-    return _at_most(x, t, k)
-
-
-def _at_most(x: np.ndarray, t, k: int, n_le: int | None = None) -> np.ndarray:
-    "The scores <= t, the k-th smallest (n_le of them, if known); ties straddling it go to the lowest indices."
-    out = x <= t
-    if (int(np.count_nonzero(out)) if n_le is None else n_le) == k: return out
-    np.less(x, t, out=out)
-    out[np.flatnonzero(x == t)[:k - int(np.count_nonzero(out))]] = True
-    return out
+    "`lowest_k` for 0 < k < n over a 1-d numpy array."
+    return _lowest_k_parts([x], k)[0]
 
 
 def lowest_k_held(scores: list[torch.Tensor], k: int) -> list[torch.Tensor] | None:
     """Global selection on CPU without concatenating: boolean masks, one per 1-d tensor, of exactly the k lowest scores
     over all of them once each tensor's highest (its first, if tied) is held back as if infinite, so no layer empties;
     ties to the lower index in the order given. For k at most the scores left; None where the numpy path does not
-    apply (CUDA, other dtypes): the caller concatenates. Same passes as `lowest_k`, layer by layer."""
+    apply (CUDA, other dtypes): the caller concatenates."""
     if not scores or not all(x.device.type == 'cpu' and x.dtype in _NUMPY_SCORES for x in scores): return None
     xs = [x.detach().contiguous().numpy() for x in scores]
-    sizes = [x.size for x in xs]
-    n = sum(sizes)
+    n = sum(x.size for x in xs)
     if not 0 <= k <= n - len(xs): raise ValueError(f"k={k} must be in [0, {n - len(xs)}]: one score per tensor is held back")
-    best = [int(np.argmax(x)) for x in xs]
-    top = [x[b] for x, b in zip(xs, best)]
     if k == 0: return [torch.zeros(x.size, dtype=torch.bool) for x in xs]
+    return [torch.from_numpy(o) for o in _lowest_k_parts(xs, k, [int(np.argmax(x)) for x in xs])]
+
+
+def _lowest_k_parts(xs: list[np.ndarray], k: int, held: list[int] | None = None) -> list[np.ndarray]:
+    """Boolean masks, one per 1-d array, of exactly the k lowest scores over all of them (0 < k), the score at
+    `held[i]` of array i left out as if infinite; ties to the lowest index, arrays in order. In few passes over the
+    scores: a bracket [lo, hi] from a fixed sample, one count of the scores <= lo, the few scores inside (lo, hi]
+    gathered to find the k-th smallest t, one comparison with t. The scores equal to lo are counted, not gathered:
+    after a recompute the k-th smallest often sits at the edge of a large block of equal scores (the zeros of the
+    weights pruned so far)."""
+    n = sum(x.size for x in xs)
+    top = [x[i] for x, i in zip(xs, held)] if held else []
+    held_if = lambda cond: sum(bool(cond(v)) for v in top)  # held-back scores a count over all scores took in
+    join = lambda parts: parts[0] if len(parts) == 1 else np.concatenate(parts)
     t = n_le = None
     if n >= _DIRECT_CPU:
+        # the sample that balances its own sort against the scores left inside the bracket grows as n^(2/3);
+        # drawn from each array in proportion to its size
         m = min(_SAMPLE, max(16, int((2 * n) ** (2 / 3))))
-        sample = np.sort(np.concatenate([x[_sample_positions(x.size, max(1, round(m * x.size / n)), torch.device('cpu')).numpy()]
-                                         for x in xs]))
-        m = sample.size
-        lo_r, hi_r = _sample_bracket(k, n, m)
+        sample = np.sort(join([x[_sample_positions(x.size, max(1, round(m * x.size / n)), torch.device('cpu')).numpy()]
+                               for x in xs]))
+        lo_r, hi_r = _sample_bracket(k, n, sample.size)
         lo = sample[lo_r] if lo_r >= 0 else -np.inf
-        hi = sample[hi_r] if hi_r < m else np.inf
+        hi = sample[hi_r] if hi_r < sample.size else np.inf
         le = [x <= lo for x in xs]
-        n_le = sum(int(np.count_nonzero(b)) - bool(v <= lo) for b, v in zip(le, top))
+        n_le = sum(int(np.count_nonzero(b)) for b in le) - held_if(lambda v: v <= lo)
         if n_le < k:
-            parts = []
-            for x, b, i in zip(xs, le, best):
+            for j, (x, b) in enumerate(zip(xs, le)):
                 np.logical_and(np.logical_not(b, out=b), x <= hi, out=b)  # lo < x <= hi
-                b[i] = False  # the held-back score is never inside
-                parts.append(np.extract(b, x))
-            inside = np.concatenate(parts)
+                if held: b[held[j]] = False  # a held-back score is never inside
+            inside = join([np.extract(b, x) for x, b in zip(xs, le)])  # faster than x[b] for a few percent True
             if n_le + inside.size >= k:
                 t = _nth(inside, k - n_le - 1, inside=True)
                 n_le += int(np.count_nonzero(inside <= t))
-        elif n_le - sum(int(np.count_nonzero(x == lo)) - bool(v == lo) for x, v in zip(xs, top)) < k:
+        elif n_le - sum(int(np.count_nonzero(x == lo)) for x in xs) + held_if(lambda v: v == lo) < k:
             t = lo  # the k-th smallest is lo itself
-        else: n_le = None
     if t is None:  # small, or the bracket missed: the k-th smallest of all scores but the held-back ones
-        rest = np.concatenate([np.delete(x, i) for x, i in zip(xs, best)])
-        t, n_le = _nth(rest, k - 1), None
+        t, n_le = _nth(join([np.delete(x, i) for x, i in zip(xs, held)] if held else xs), k - 1), None
     outs = [x <= t for x in xs]
-    for o, i, v in zip(outs, best, top):
+    for o, i, v in zip(outs, held or [], top):
         if v <= t: o[i] = False
     if n_le is None: n_le = sum(int(np.count_nonzero(o)) for o in outs)
     if n_le != k:  # ties straddle the k-th smallest: the lowest indices among the scores equal to t complete the count
         need = k
-        for x, o, i in zip(xs, outs, best):
-            np.less(x, t, out=o); o[i] = False
+        for j, (x, o) in enumerate(zip(xs, outs)):
+            np.less(x, t, out=o)
+            if held: o[held[j]] = False
             need -= int(np.count_nonzero(o))
-        for x, o, i in zip(xs, outs, best):
+        for j, (x, o) in enumerate(zip(xs, outs)):
             if need <= 0: break
             eq = np.flatnonzero(x == t)
-            eq = eq[eq != i][:need]
-            o[eq] = True; need -= eq.size
-    return [torch.from_numpy(o) for o in outs]
+            if held: eq = eq[eq != held[j]]
+            o[eq[:need]] = True; need -= eq[:need].size
+    return outs
 
 
 def count_true(masks: list[torch.Tensor]) -> list[int]:

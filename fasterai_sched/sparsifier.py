@@ -102,11 +102,11 @@ def _mul_masks_cpu(params: list[torch.Tensor], masks: list[torch.Tensor]) -> Non
 
 def _regrown(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     "Per layer, the units kept in `new` and masked in `old`, for the layers where there are any (tightening holds none)."
-    def back(a, b):
+    def kept_now(a, b):
         if a.device.type == 'cpu' and a.shape == b.shape and a.is_contiguous() and b.is_contiguous():
             return torch.from_numpy(np.greater(a.numpy(), b.numpy()))  # numpy: several times faster on CPU
         return a & ~b
-    back = {n: back(new[n], old[n]) for n in new if n in old}
+    back = {n: kept_now(new[n], old[n]) for n in new if n in old}
     return {n: r for (n, r), c in zip(back.items(), count_true(list(back.values()))) if c}
 
 
@@ -265,17 +265,22 @@ class Sparsifier:
         if bad: raise ValueError(f"criteria {self.criteria.name} gave NaN or Inf scores for layer {bad[0]!r}")
 
     def _local_masks(self, targets: dict[str, float]) -> tuple[dict, dict]:
-        """Local context on CPU, layer by layer: scores, unit scores, selection and weight mask while the layer's scores
-        are still in cache (keep masks, pruned units). Not in threads: torch ops in a second thread start a second
-        OpenMP team, whose spinning slowed a whole CPU fit by 40% for 6 ms saved per recompute."""
+        """Local context, layer by layer: scores, unit scores, selection and weight mask while the layer's scores are
+        still in cache (keep masks, pruned units); the selection reads its counts per layer anyway. Not in threads:
+        torch ops in a second thread start a second OpenMP team, whose spinning slowed a whole CPU fit by 40% for 6 ms
+        saved per recompute."""
         def one(i, n, m):
             e = self._score(i, n, m)
             self._check_finite({n: e})
             u = self.criteria.unit_scores(e, self.granularity[n])
-            p = lowest_k(u.flatten(), self._round(n, n_to_prune(targets[n], u.numel()), targets[n]))
-            return self.granularity[n].weight_mask(~p.view(u.shape), e), p
+            p = self._lowest_units(n, u, targets[n])
+            return self.granularity[n].weight_mask(~p.view(u.shape), e).to(m.weight.device), p
         done = [one(i, n, m) for i, (n, m) in enumerate(self.layers.items())]
         return {n: r[0] for n, r in zip(self.layers, done)}, {n: r[1] for n, r in zip(self.layers, done)}
+
+    def _lowest_units(self, n: str, units: torch.Tensor, sparsity: float) -> torch.Tensor:
+        "Local selection in layer (or group) `n`: its `sparsity` percent lowest units (rounded), flat."
+        return lowest_k(units.flatten(), self._round(n, n_to_prune(sparsity, units.numel()), sparsity))
 
     def _round(self, n: str, k: int, sparsity: float) -> int:
         "Units to prune once the kept count is a multiple of `round_to` (nearest; at least one multiple below 100%)."
@@ -287,8 +292,7 @@ class Sparsifier:
     def _select(self, unit_scores: dict[str, torch.Tensor], targets: dict[str, float]) -> dict[str, torch.Tensor]:
         "Boolean 'pruned' tensor per layer (flat over units) with exact counts."
         if self.context == 'local':
-            return {n: lowest_k(s.flatten(), self._round(n, n_to_prune(targets[n], s.numel()), targets[n]))
-                    for n, s in unit_scores.items()}
+            return {n: self._lowest_units(n, s, targets[n]) for n, s in unit_scores.items()}
         s = next(iter(targets.values()))
         flat = [v.flatten() for v in unit_scores.values()]
         sizes = [v.numel() for v in flat]
@@ -317,19 +321,15 @@ class Sparsifier:
 
         Under an initialized torch.distributed group this is a collective: call it on every rank; all take rank 0's masks."""
         targets = self._targets_per_layer(sparsity)
-        if self.context == 'local' and not self.coupled and all(m.weight.device.type == 'cpu' for m in self.layers.values()):
-            new, pruned = self._local_masks(targets)
+        if self.context == 'local' and not self.coupled: new, pruned = self._local_masks(targets)
         else:
             elem = self.scores()
             if self.coupled: units = {n: g.unit_scores(elem, self._layer_names) for n, g in self.groups.items()}
             else: units = {n: self.criteria.unit_scores(e, self.granularity[n]) for n, e in elem.items()}
             pruned = self._select(units, targets)
-            new = {}
             if self.coupled: new = {n: ~p.view(-1).to(self.layers[n].weight.device) for n, p in pruned.items()}
-            else:
-                for n, m in self.layers.items():
-                    keep = ~pruned[n].view(units[n].shape)
-                    new[n] = self.granularity[n].weight_mask(keep, elem[n]).to(m.weight.device)
+            else: new = {n: self.granularity[n].weight_mask(~pruned[n].view(units[n].shape), elem[n]).to(m.weight.device)
+                         for n, m in self.layers.items()}
         new, pruned = _from_rank0(new, pruned)  # ranks agree even where their scores differ
         self._set_masks(new, optimizer)
         self.n_pruned = dict(zip(pruned, count_true(list(pruned.values()))))
