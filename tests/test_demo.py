@@ -118,6 +118,7 @@ BAD = [
     (['--device', 'tpu'], '--device'),
     (['--out', '{a_file}'], '--out'),
     (['--frobnicate'], '--frobnicate'),
+    (['--max-lag', '1.5'], '--max-lag'), (['--max-lag', 'soon'], '--max-lag'),
 ] + ([(['--device', 'cuda'], '--device')] if not torch.cuda.is_available() else [])
 
 
@@ -177,3 +178,13 @@ def test_reduction_option_sets_the_criterias_reducer(reduction):
     crit = make_callback(cfg, 'agp').criteria
     if reduction is None: assert crit is large_final and crit.reducer is None  # the library's default, the mean
     else: assert crit.reducer is {'sum': Reducer.sum, 'mean': Reducer.mean}[reduction] and large_final.reducer is None
+
+
+@pytest.mark.parametrize('value,policy', [(None, {}), ('0.1', {'max_lag': 0.1}), ('none', {'max_lag': None}),
+                                          ('None', {'max_lag': None}), ('0', {'max_lag': 0.0})])
+def test_max_lag_option_reaches_the_callback(value, policy):
+    "--max-lag: a share of the span, or 'none' (no band: the policy before max_lag) passed on as max_lag=None."
+    from fasterai_sched.demo import build_parser, make_config, make_callback
+    cfg = make_config(build_parser().parse_args(['--frequency', '7'] + (['--max-lag', value] if value else [])))
+    cb = make_callback(cfg, 'agp')
+    assert cb.frequency == 7 and cb.max_lag == policy.get('max_lag', 0.05)
