@@ -16,7 +16,7 @@ from .granularity import get_granularity
 from .report import sparsity_report
 from .schedules import SCHEDULES
 from .sparsifier import Sparsifier, check_sparsity
-from .sweep import METHOD_ALLOCATIONS, SWEEP, SWEEP_METHODS, SWEEP_QUICK, SweepConfig, build_callback, main_sweep, parse_method
+from .sweep import METHOD_ALLOCATIONS, SWEEP, SWEEP_METHODS, SWEEP_QUICK, SweepConfig, build_callback, main_sweep, method_options, parse_method
 
 __all__ = ['main', 'digits_folder', 'digits_dls', 'folder_dls', 'label_func', 'DEFAULTS', 'QUICK']
 
@@ -201,10 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
                    f"'NAME+ALLOCATION' picks an allocation for one (agp+erk) [{d['schedules']}; --sweep {SWEEP_METHODS}]")
     p.add_argument('--sparsity', type=_number, default=d['sparsity'], help="final sparsity, percent")
     p.add_argument('--granularity', default=d['granularity'], help="weight, kernel, filter, channel or an N:M pattern")
-    p.add_argument('--context', default=d['context'], choices=['local', 'global'],
-                   help="prune each layer to the sparsity, or rank all layers' weights together")
-    p.add_argument('--criteria', default=d['criteria'], choices=sorted(CRITERIA), metavar='NAME',
-                   help=f"one of {', '.join(sorted(CRITERIA))}")
+    p.add_argument('--context', default=None, choices=['local', 'global'],
+                   help=f"prune each layer to the sparsity, or rank all layers' weights together [{d['context']}; an "
+                   "allocation and RigL are local, LAMP global]")
+    p.add_argument('--criteria', default=None, choices=sorted(CRITERIA), metavar='NAME',
+                   help=f"one of {', '.join(sorted(CRITERIA))} [{d['criteria']}; LAMP and RigL use their own]")
     p.add_argument('--reduction', default=None, choices=['sum', 'mean'],
                    help="how a unit's score is made from its weights' scores [the library's default, DEFAULT_REDUCTION]")
     p.add_argument('--epochs', type=_int_at_least(1), default=None, help=f"epochs per run, the same for every run [{d['epochs']}; --quick {QUICK['epochs']}]")
@@ -259,8 +260,8 @@ class Config:
     schedules: list[str]
     sparsity: float
     granularity: str
-    context: str
-    criteria: str
+    context: str | None  # None: the method's own (local, large_final for a plain schedule)
+    criteria: str | None
     epochs: int
     start_epoch: int
     end_epoch: int | None
@@ -311,6 +312,14 @@ def make_config(args: argparse.Namespace) -> Config:
     for s in schedules:
         try: parse_method(s)
         except ValueError as e: raise UsageError('--schedules', f"{s!r} is not a schedule ({e})") from e
+    for s in schedules:  # an option the method would not use is an error, before any run
+        method = s if '+' in s else f"{s}+{args.allocation}"
+        for opt, value in (('--context', args.context), ('--criteria', args.criteria)):
+            try: method_options(method, **{opt[2:]: value})
+            except ValueError as e: raise UsageError(opt, e) from e
+        if args.reduction and (method.endswith('+lamp') or method.startswith('rigl')):
+            raise UsageError('--reduction', f"{args.reduction} does not apply to {s!r}: it ranks single weights by its own "
+                             "scores; --reduction sets how the other methods' criteria score a unit")
     dup = sorted({s for s in schedules if schedules.count(s) > 1})
     if dup: raise UsageError('--schedules', f"{dup[0]!r} is listed twice")
     try: check_sparsity(args.sparsity)
@@ -358,7 +367,7 @@ def check_model(cfg: Config, n_classes: int = 10) -> nn.Module:
         with torch.no_grad(): model(torch.zeros(2, 3, cfg.size, cfg.size))
     except Exception as e:
         raise UsageError('--size', f"{cfg.arch} cannot take {cfg.size}-pixel images ({type(e).__name__}: {e})") from e
-    try: Sparsifier(model, cfg.granularity, cfg.context, CRITERIA[cfg.criteria], coupled=cfg.coupled,
+    try: Sparsifier(model, cfg.granularity, *method_options('agp', cfg.context, cfg.criteria), coupled=cfg.coupled,
                     data=torch.zeros(2, 3, cfg.size, cfg.size), example_inputs=torch.zeros(2, 3, cfg.size, cfg.size))
     except (TypeError, ValueError) as e: raise UsageError('--coupled' if cfg.coupled else '--granularity', f"{e}") from e
     return model
@@ -423,9 +432,11 @@ def callback_call(cfg: Config, schedule: str) -> str:
     if schedule not in SCHEDULES or cfg.allocation != 'uniform':
         method = schedule if '+' in schedule else f"{schedule}+{cfg.allocation}"
         window = '' if parse_method(method)[0] == 'rigl' else f", start_epoch={cfg.start_epoch}, end_epoch={cfg.end_epoch}"
-        return f"build_callback({method.replace('+uniform', '')!r}, {cfg.sparsity:g}, learn.model{window})"
-    return (f"SparsifyCallback(sparsity={cfg.sparsity:g}, granularity={cfg.granularity!r}, context={cfg.context!r}, "
-            f"criteria={cfg.criteria}, schedule={schedule}, start_epoch={cfg.start_epoch}"
+        given = ''.join(f", {k}={v!r}" for k, v in (('context', cfg.context), ('criteria', cfg.criteria)) if v)
+        return f"build_callback({method.replace('+uniform', '')!r}, {cfg.sparsity:g}, learn.model{given}{window})"
+    context, criteria = cfg.context or DEFAULTS['context'], cfg.criteria or DEFAULTS['criteria']
+    return (f"SparsifyCallback(sparsity={cfg.sparsity:g}, granularity={cfg.granularity!r}, context={context!r}, "
+            f"criteria={criteria}, schedule={schedule}, start_epoch={cfg.start_epoch}"
             + (f", end_epoch={cfg.end_epoch}" if cfg.end_epoch else "")
             + ''.join(f", {k}={v if v is None else format(v, 'g')}" for k, v in _policy(cfg).items())
             + (", coupled=True" if cfg.coupled else "") + (", compact=True" if cfg.compact else "") + ")")
@@ -438,9 +449,9 @@ def _policy(cfg: Config) -> dict:
 
 
 def _criteria(cfg: Config):
-    "The named criteria, with the unit reduction --reduction asks for."
-    crit = CRITERIA[cfg.criteria]
-    if cfg.reduction is None: return crit
+    "The named criteria (None when unset: the method's own), with the unit reduction --reduction asks for."
+    if cfg.reduction is None: return cfg.criteria and CRITERIA[cfg.criteria]
+    crit = CRITERIA[cfg.criteria or DEFAULTS['criteria']]
     crit = copy.copy(crit)
     crit.reducer = Reducer.sum if cfg.reduction == 'sum' else Reducer.mean
     return crit
@@ -457,8 +468,9 @@ def make_callback(cfg: Config, schedule: str, model: nn.Module | None = None) ->
             kw = {}
         else: kw = dict(start_epoch=cfg.start_epoch, end_epoch=cfg.end_epoch, **_policy(cfg))
         return build_callback(method, cfg.sparsity, model, _criteria(cfg), cfg.granularity, cfg.context, **kw)
-    return SparsifyCallback(sparsity=cfg.sparsity, granularity=cfg.granularity, context=cfg.context,
-                            criteria=_criteria(cfg), schedule=SCHEDULES[schedule], start_epoch=cfg.start_epoch,
+    context, criteria = method_options(schedule, cfg.context, _criteria(cfg))
+    return SparsifyCallback(sparsity=cfg.sparsity, granularity=cfg.granularity, context=context,
+                            criteria=criteria, schedule=SCHEDULES[schedule], start_epoch=cfg.start_epoch,
                             end_epoch=cfg.end_epoch, coupled=cfg.coupled, compact=cfg.compact, **_policy(cfg))
 
 
@@ -618,7 +630,8 @@ def describe(cfg: Config, data: Data, pretrained: bool) -> str:
             f"valid; labels from {data.labelling}) resized to {cfg.size} px, 3 channels, on {cfg.device}\n"
             f"runs: dense, then {', '.join(cfg.schedules)}; {cfg.epochs} epochs each ({cfg.fit}, lr {cfg.lr:g}, "
             f"bs {cfg.bs}, seed {cfg.seed}, {'ImageNet weights' if pretrained else 'random init'}); pruning to "
-            f"{cfg.sparsity:g}% {cfg.granularity}/{cfg.context} by {cfg.criteria} from epoch {cfg.start_epoch}"
+            f"{cfg.sparsity:g}% {cfg.granularity}/{cfg.context or DEFAULTS['context']} by "
+            f"{cfg.criteria or DEFAULTS['criteria']} from epoch {cfg.start_epoch}"
             f"{f' to the end of epoch {cfg.end_epoch - 1}, then fine-tuning' if cfg.end_epoch and cfg.end_epoch < cfg.epochs else ''}\n"
             f"output folder: {cfg.out}")
 

@@ -22,7 +22,7 @@ from .rigl import RigLCallback
 from .schedules import SCHEDULES
 from .sparsifier import check_sparsity
 
-__all__ = ['sweep_cnn', 'sweep_dls', 'METHOD_ALLOCATIONS', 'parse_method', 'build_callback', 'SweepConfig',
+__all__ = ['sweep_cnn', 'sweep_dls', 'METHOD_ALLOCATIONS', 'parse_method', 'method_options', 'build_callback', 'SweepConfig',
            'run_sweep', 'sweep_table', 'plot_sweep', 'SWEEP_METHODS', 'SWEEP', 'SWEEP_QUICK']
 
 METHOD_ALLOCATIONS = ['uniform', *[a for a in ALLOCATIONS if a != 'uniform'], 'lamp']
@@ -71,25 +71,48 @@ def parse_method(method: str) -> tuple[str, str]:
     return schedule, alloc
 
 
-def build_callback(method: str, sparsity: float, model: nn.Module, criteria='large_final',
-                   granularity: str = 'weight', context: str = 'local', verbose: bool = True, **kw) -> SparsifyCallback:
-    """The callback `method` names at `sparsity` for `model`: 'uniform' is the plain callback with `context`; 'erk' and
-    'dense_first' give per-layer targets (local); 'lamp' ranks all layers together by LAMP scores; 'rigl' is
-    `RigLCallback` (its own window: the whole fit). `kw` goes to the callback (`start_epoch`, `end_epoch`; RigL's
-    `delta`, `drop_fraction`, `stop`; a window is dropped for RigL)."""
+def method_options(method: str, context: str | None = None, criteria=None) -> tuple[str, object]:
+    """The context and criteria `method` prunes with: 'uniform' takes the ones given (local, large_final when None);
+    an allocation (erk, dense_first) and RigL are local, LAMP is global and ranks by `lamp`. Raises when one given
+    would not be used, naming it and what the method needs."""
+    schedule, alloc = parse_method(method)
+    crit = CRITERIA.get(criteria, criteria) if isinstance(criteria, str) else criteria
+    if alloc == 'uniform' and schedule != 'rigl': return context or 'local', crit or CRITERIA['large_final']
+    need_context, need_crit = ('global', lamp) if alloc == 'lamp' else ('local', CRITERIA['large_final'])
+    fixed_crit = alloc == 'lamp' or schedule == 'rigl'
+    why = ("LAMP ranks all layers' weights together by LAMP scores" if alloc == 'lamp' else
+           "RigL drops each layer's smallest weights and grows by gradient" if schedule == 'rigl' else
+           f"the {alloc} allocation gives each layer its own target")
+    if context not in (None, need_context):
+        raise ValueError(f"context={context!r} does not apply to method={method!r}: {why} (context={need_context!r}); "
+                         "leave context unset")
+    if fixed_crit and crit not in (None, need_crit):
+        raise ValueError(f"criteria={getattr(crit, 'name', crit)!r} does not apply to method={method!r}: {why}; "
+                         "leave criteria unset")
+    return need_context, need_crit if fixed_crit or crit is None else crit
+
+
+def build_callback(method: str, sparsity: float, model: nn.Module, criteria=None, granularity: str = 'weight',
+                   context: str | None = None, verbose: bool = True, **kw) -> SparsifyCallback:
+    """The callback `method` names at `sparsity` for `model`: 'uniform' is the plain callback with `context` and
+    `criteria` (local, large_final when unset); 'erk' and 'dense_first' give per-layer targets (local); 'lamp' ranks
+    all layers together by LAMP scores (global); 'rigl' is `RigLCallback` (its own window: the whole fit). `kw` goes
+    to the callback (`start_epoch`, `end_epoch`, `max_lag`, `frequency`; RigL's `delta`, `drop_fraction`, `stop`).
+    An option the method would not use is an error (`method_options`)."""
     schedule, alloc = parse_method(method)
     check_sparsity(sparsity)
+    context, crit = method_options(method, context, criteria)
     if schedule == 'rigl':
-        kw = {k: v for k, v in kw.items() if k not in ('start_epoch', 'end_epoch')}
+        window = sorted(k for k in ('start_epoch', 'end_epoch') if k in kw)
+        if window: raise ValueError(f"{window[0]}={kw[window[0]]!r} does not apply to method={method!r}: RigL updates "
+                                    "its connectivity over the whole fit (stop sets when it ends)")
         if granularity != 'weight': raise ValueError(f"granularity={granularity!r}: RigL moves single weights ('weight')")
         target = sparsity if alloc == 'uniform' else allocate(model, sparsity, alloc)
         return RigLCallback(target, verbose=verbose, **kw)
-    common = dict(granularity=granularity, schedule=SCHEDULES[schedule], verbose=verbose, **kw)
-    if alloc == 'lamp': return SparsifyCallback(sparsity=sparsity, context='global', criteria=lamp, **common)
-    crit = CRITERIA[criteria] if isinstance(criteria, str) else criteria
-    if alloc == 'uniform': return SparsifyCallback(sparsity=sparsity, context=context, criteria=crit, **common)
-    return SparsifyCallback(sparsity=allocate(model, sparsity, alloc, granularity=granularity), context='local',
-                            criteria=crit, **common)
+    if alloc in ('uniform', 'lamp'): target = sparsity
+    else: target = allocate(model, sparsity, alloc, granularity=granularity)
+    return SparsifyCallback(sparsity=target, granularity=granularity, context=context, criteria=crit,
+                            schedule=SCHEDULES[schedule], verbose=verbose, **kw)
 
 
 def _window(schedule: str, epochs: int) -> tuple[int, int | None]:

@@ -119,6 +119,11 @@ BAD = [
     (['--out', '{a_file}'], '--out'),
     (['--frobnicate'], '--frobnicate'),
     (['--max-lag', '1.5'], '--max-lag'), (['--max-lag', 'soon'], '--max-lag'),
+    # an option the method would not use (it has its own), refused before the dense run
+    (['--schedules', 'agp+erk', '--context', 'global'], '--context'),
+    (['--schedules', 'agp', '--allocation', 'lamp', '--context', 'local'], '--context'),
+    (['--schedules', 'one_shot,agp+lamp', '--criteria', 'taylor'], '--criteria'),
+    (['--schedules', 'rigl', '--reduction', 'sum'], '--reduction'),
 ] + ([(['--device', 'cuda'], '--device')] if not torch.cuda.is_available() else [])
 
 

@@ -3,6 +3,9 @@ import contextlib, re
 from pathlib import Path
 import pytest, torch, torch.nn as nn
 from fasterai_sched import SparsifyCallback, Sparsifier, Criteria, agp, Schedule, sched_agp, sched_dsd, wanda, large_init, taylor
+from fasterai_sched import RigLCallback
+from fasterai_sched.allocation import allocate, erk
+from fasterai_sched.sweep import build_callback, parse_method
 from issue6_helpers import fast_learner
 
 DOC = Path(__file__).parents[1] / 'docs' / 'errors.md'
@@ -11,9 +14,12 @@ DOC = Path(__file__).parents[1] / 'docs' / 'errors.md'
 # error carries (fastai prefixes the errors raised inside a fit with the event's name); a final '…' marks a beginning.
 ROWS = [
     # SparsifyCallback(...), when it is built
-    ('sparsity', "SparsifyCallback()", TypeError, "SparsifyCallback needs sparsity (or end_sparsity), a percent such as 90"),
-    ('sparsity', "SparsifyCallback(sparsity='90')", TypeError, "sparsity='90' must be a number, a percentage in [0, 100]"),
-    ('sparsity', "SparsifyCallback(sparsity=True)", TypeError, "sparsity=True must be a number, a percentage in [0, 100]"),
+    ('sparsity', "SparsifyCallback()", TypeError,
+     "SparsifyCallback needs sparsity (or end_sparsity), a percent such as 90"),
+    ('sparsity', "SparsifyCallback(sparsity='90')", TypeError,
+     "sparsity='90' must be a number, a percentage in [0, 100]"),
+    ('sparsity', "SparsifyCallback(sparsity=True)", TypeError,
+     "sparsity=True must be a number, a percentage in [0, 100]"),
     ('sparsity', "SparsifyCallback(sparsity=150)", ValueError,
      "sparsity=150 is outside [0, 100]; sparsity is a percentage (90 means 90%)"),
     ('sparsity', "SparsifyCallback(sparsity=-5)", ValueError,
@@ -43,9 +49,12 @@ ROWS = [
      "schedule='agp' must be a function f(start, end, pos)"),
     ('schedule, sched_func', "SparsifyCallback(sparsity=90, schedule=agp, sched_func=agp)", TypeError,
      "pass either schedule or sched_func, not both"),
-    ('start_epoch', "SparsifyCallback(sparsity=90, start_epoch=-1)", ValueError, "start_epoch=-1 must be an integer >= 0"),
-    ('start_epoch', "SparsifyCallback(sparsity=90, start_epoch=1.5)", ValueError, "start_epoch=1.5 must be an integer >= 0"),
-    ('end_epoch', "SparsifyCallback(sparsity=90, end_epoch=0)", ValueError, "end_epoch=0 must be an integer >= 1 or None"),
+    ('start_epoch', "SparsifyCallback(sparsity=90, start_epoch=-1)", ValueError,
+     "start_epoch=-1 must be an integer >= 0"),
+    ('start_epoch', "SparsifyCallback(sparsity=90, start_epoch=1.5)", ValueError,
+     "start_epoch=1.5 must be an integer >= 0"),
+    ('end_epoch', "SparsifyCallback(sparsity=90, end_epoch=0)", ValueError,
+     "end_epoch=0 must be an integer >= 1 or None"),
     ('end_epoch', "SparsifyCallback(sparsity=90, start_epoch=2, end_epoch=2)", ValueError,
      "end_epoch=2 must be after start_epoch=2"),
     ('lth', "SparsifyCallback(sparsity=90, lth='yes')", TypeError, "lth='yes' must be True or False"),
@@ -60,17 +69,20 @@ ROWS = [
      "earlier masks could not be rewound"),
     ('model', "SparsifyCallback(sparsity=90, model='net')", TypeError,
      "model='net' must be None (the learner's model) or an nn.Module"),
-    ('round_to', "SparsifyCallback(sparsity=90, round_to=0)", ValueError, "round_to=0 must be None or a positive integer"),
+    ('round_to', "SparsifyCallback(sparsity=90, round_to=0)", ValueError,
+     "round_to=0 must be None or a positive integer"),
     ('layer_type', "SparsifyCallback(sparsity=90, layer_type='Conv2d')", TypeError,
      "layer_type='Conv2d' must be an nn.Module subclass such as nn.Conv2d"),
     ('layer_type', "SparsifyCallback(sparsity=90, layer_type=nn.BatchNorm2d)", ValueError,
      "layer_type=BatchNorm2d has no registered granularity; register one with register_granularity or use one of […"),
-    ('frequency', "SparsifyCallback(sparsity=90, frequency=0)", ValueError, "frequency=0 must be an integer >= 1 or None"),
+    ('frequency', "SparsifyCallback(sparsity=90, frequency=0)", ValueError,
+     "frequency=0 must be an integer >= 1 or None"),
     ('max_lag', "SparsifyCallback(sparsity=90, max_lag=1.5)", ValueError,
      "max_lag=1.5 must be a share of the schedule's span in [0, 1] (0.05 keeps the masks within 5% of start_sparsity "
      "-> sparsity of the target) or None (no such bound)"),
     ('seed', "SparsifyCallback(sparsity=90, seed=1.5)", TypeError, "seed=1.5 must be an integer"),
-    ('(a misspelt name)', "SparsifyCallback(sparsity=90, sparse=80)", TypeError, "got an unexpected keyword argument 'sparse'"),
+    ('(a misspelt name)', "SparsifyCallback(sparsity=90, sparse=80)", TypeError,
+     "got an unexpected keyword argument 'sparse'"),
     # SparsifyCallback, in before_fit (it needs the learner) or at the first mask change
     ('start_epoch', "learn.fit(3, cbs=SparsifyCallback(sparsity=90, start_epoch=3))", ValueError,
      "start_epoch=3 is past the end of this fit of 3 epochs (allowed: 0 to 2)"),
@@ -100,11 +112,14 @@ ROWS = [
      "unfreeze it, or choose another criteria"),
     # Sparsifier(...) and its methods
     ('model', "Sparsifier('net')", TypeError, "model='net' must be an nn.Module"),
-    ('granularity', "Sparsifier(net, granularity='rows')", ValueError, "granularity='rows' is not known for Conv2d; valid: ['channel'…"),
+    ('granularity', "Sparsifier(net, granularity='rows')", ValueError,
+     "granularity='rows' is not known for Conv2d; valid: ['channel'…"),
     ('granularity', "Sparsifier(net, granularity='2:4')", ValueError,
      "granularity='2:4' needs the input dimension of layer '0' (shape (8, 3, 3, 3), dim 1) to be a multiple of 4"),
-    ('context', "Sparsifier(net, context='glob')", ValueError, "context='glob' is not allowed; use 'local' or 'global'"),
-    ('criteria', "Sparsifier(net, criteria='biggest')", ValueError, "criteria='biggest' is not known; valid: ['grad_crit'…"),
+    ('context', "Sparsifier(net, context='glob')", ValueError,
+     "context='glob' is not allowed; use 'local' or 'global'"),
+    ('criteria', "Sparsifier(net, criteria='biggest')", ValueError,
+     "criteria='biggest' is not known; valid: ['grad_crit'…"),
     ('layer_type', "Sparsifier(net, layer_type=nn.Linear)", ValueError,
      "layer_type=Linear: the model has no such layer with a weight to prune"),
     ('round_to', "Sparsifier(net, round_to=-1)", ValueError, "round_to=-1 must be None or a positive integer"),
@@ -166,11 +181,41 @@ ROWS = [
      "needs_init=True and needs_update=True together: the updating weights would replace the initial ones; choose one"),
     ('output_fn', "Criteria(torch.abs, output_fn=torch.sub)", ValueError,
      "output_fn and return_init compare with reference weights: they need needs_init=True or needs_update=True"),
-    ('reducer', "Criteria(torch.abs, reducer='max')", ValueError, "reducer='max' is not known; use 'sum', 'mean' or a function"),
+    ('reducer', "Criteria(torch.abs, reducer='max')", ValueError,
+     "reducer='max' is not known; use 'sum', 'mean' or a function"),
     ('data_fn', "Criteria(torch.abs, data_fn='median')", ValueError,
      "data_fn='median' is not known; use one of ['l2_norm', 'max', 'mean']"),
     ('reference', "large_init(net[0], 'filter')", ValueError,
      "criteria large_init compares with the init weights: pass them as reference=... (or let a Sparsifier keep them)"),
+    # methods by name, allocations and RigL (issue 13)
+    ('method', "parse_method('steep')", ValueError,
+     "method='steep': 'steep' is not a schedule; choose from one_shot, iterative, agp, one_cycle, cos, lin, dsd, acdc, rigl"),
+    ('method', "parse_method('agp+wide')", ValueError,
+     "method='agp+wide': 'wide' is not an allocation; choose from uniform, dense_first, erk, lamp"),
+    ('method', "parse_method('rigl+lamp')", ValueError,
+     "method='rigl+lamp': RigL keeps per-layer counts, so it takes an allocation (uniform, dense_first, erk), not LAMP's global ranking"),
+    ('method', 'parse_method(3)', TypeError, "method=3 must be a string such as 'agp+erk'"),
+    ('context', "build_callback('agp+erk', 90, net, context='global')", ValueError,
+     "context='global' does not apply to method='agp+erk': the erk allocation gives each layer its own target (context='local'); leave context unset"),
+    ('context', "build_callback('agp+lamp', 90, net, context='local')", ValueError,
+     "context='local' does not apply to method='agp+lamp': LAMP ranks all layers' weights together by LAMP scores (context='global'); leave context unset"),
+    ('criteria', "build_callback('agp+lamp', 90, net, criteria='taylor')", ValueError,
+     "criteria='taylor' does not apply to method='agp+lamp': LAMP ranks all layers' weights together by LAMP scores; leave criteria unset"),
+    ('start_epoch', "build_callback('rigl', 90, net, start_epoch=1)", ValueError,
+     "start_epoch=1 does not apply to method='rigl': RigL updates its connectivity over the whole fit (stop sets when it ends)"),
+    ('granularity', "build_callback('rigl', 90, net, granularity='filter')", ValueError,
+     "granularity='filter': RigL moves single weights ('weight')"),
+    ('allocation', "allocate(net, 80, allocation='lamp')", ValueError,
+     "allocation='lamp' is not known; valid: ['uniform', 'dense_first', 'erk'] (LAMP is criteria=lamp with context='global')"),
+    ('sparsity', "allocate(net, 80, allocation='dense_first')", ValueError,
+     "sparsity=80 cannot be met with the first layer '0' dense: the other layers hold 576 of 792 units, fewer than the 633 to prune"),
+    ('layer_type', 'allocate(net, 80, layer_type=nn.Conv1d)', ValueError,
+     'layer_type=Conv1d: the model has no such layer with a weight'),
+    ('power', "erk({'a': (2, 2)}, 50, power=0)", ValueError, 'power=0 must be a positive number (1 is ERK)'),
+    ('delta', 'RigLCallback(sparsity=90, delta=0)', ValueError,
+     'delta=0 must be a positive integer (steps between connectivity updates)'),
+    ('drop_fraction', 'RigLCallback(sparsity=90, drop_fraction=0)', ValueError,
+     'drop_fraction=0 must be a number in (0, 1]'),
 ]
 
 
@@ -182,6 +227,8 @@ def namespace() -> dict:
     frozen_learn = fast_learner()
     frozen_learn.model[0].requires_grad_(False)
     return dict(SparsifyCallback=SparsifyCallback, Sparsifier=Sparsifier, agp=agp, nn=nn, learn=fast_learner(),
+                parse_method=parse_method, build_callback=build_callback, allocate=allocate, erk=erk,
+                RigLCallback=RigLCallback,
                 Schedule=Schedule, sched_agp=sched_agp, sched_dsd=sched_dsd, wanda=wanda, Criteria=Criteria, torch=torch,
                 large_init=large_init, taylor=taylor, frozen_learn=frozen_learn,
                 nan_learn=nan_learn, net=nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)),

@@ -25,10 +25,28 @@ def test_build_callback_per_method():
     assert cb.context == 'global' and cb.criteria is lamp
     cb = build_callback('acdc+erk', 95, model, end_epoch=4)
     assert isinstance(cb.sparsity, dict) and list(cb.sparsity) == ['0', '3', '6'] and cb.schedule is acdc
-    cb = build_callback('rigl+erk', 95, model, start_epoch=1, delta=7)  # a window is not RigL's: dropped
+    cb = build_callback('rigl+erk', 95, model, delta=7)
     assert isinstance(cb, RigLCallback) and cb.delta == 7 and isinstance(cb.sparsity, dict)
+    cb = build_callback('agp', 90, model, criteria='taylor', context='global')
+    assert cb.context == 'global' and cb.criteria.name == 'taylor'
     with pytest.raises(ValueError, match='sparsity=101'): build_callback('agp', 101, model)
     with pytest.raises(ValueError, match="granularity='filter'"): build_callback('rigl', 90, model, granularity='filter')
+
+
+@pytest.mark.parametrize('method, kw, match', [
+    ('agp+erk', dict(context='global'), "context='global' does not apply to method='agp\\+erk': the erk allocation"),
+    ('agp+lamp', dict(context='local'), "context='local' does not apply to method='agp\\+lamp': LAMP ranks"),
+    ('agp+lamp', dict(criteria='taylor'), "criteria='taylor' does not apply to method='agp\\+lamp'"),
+    ('rigl', dict(context='global'), "context='global' does not apply to method='rigl': RigL drops"),
+    ('rigl+erk', dict(criteria='large_init'), "criteria='large_init' does not apply to method='rigl\\+erk'"),
+    ('rigl', dict(start_epoch=1), "start_epoch=1 does not apply to method='rigl': RigL updates"),
+])
+def test_build_callback_refuses_options_the_method_would_not_use(method, kw, match):
+    "Nothing given is ignored: a context or criteria the method replaces, or a window for RigL, is an error."
+    with pytest.raises(ValueError, match=match): build_callback(method, 90, sweep_cnn(), **kw)
+    # the method's own values are accepted when given
+    assert build_callback('agp+lamp', 90, sweep_cnn(), context='global', criteria=lamp).context == 'global'
+    assert build_callback('agp+erk', 90, sweep_cnn(), context='local', criteria='taylor').criteria.name == 'taylor'
 
 
 def test_sweep_cnn_and_data():
