@@ -309,14 +309,18 @@ def make_config(args: argparse.Namespace) -> Config:
         raise UsageError('--end-epoch', f"{end_epoch} must be after --start-epoch {start_epoch} and at most --epochs {epochs}")
     schedules = [s.strip() for s in args.schedules.split(',') if s.strip()]
     if not schedules: raise UsageError('--schedules', "give at least one schedule")
-    for s in schedules:
+    for s in schedules:  # each method, and any option it would not use: errors before any run
         try: parse_method(s)
         except ValueError as e: raise UsageError('--schedules', f"{s!r} is not a schedule ({e})") from e
-    for s in schedules:  # an option the method would not use is an error, before any run
-        method = s if '+' in s else f"{s}+{args.allocation}"
+        method = s if '+' in s or args.allocation == 'uniform' else f"{s}+{args.allocation}"
+        try: parse_method(method)
+        except ValueError as e: raise UsageError('--allocation', f"{args.allocation} does not apply to {s!r} ({e})") from e
         for opt, value in (('--context', args.context), ('--criteria', args.criteria)):
             try: method_options(method, **{opt[2:]: value})
             except ValueError as e: raise UsageError(opt, e) from e
+        for opt, value in (('--max-lag', args.max_lag), ('--frequency', args.frequency)):
+            if value is not None and method.startswith('rigl'):
+                raise UsageError(opt, f"{value} does not apply to {s!r}: RigL changes its masks every delta steps")
         if args.reduction and (method.endswith('+lamp') or method.startswith('rigl')):
             raise UsageError('--reduction', f"{args.reduction} does not apply to {s!r}: it ranks single weights by its own "
                              "scores; --reduction sets how the other methods' criteria score a unit")
@@ -432,13 +436,16 @@ def callback_call(cfg: Config, schedule: str) -> str:
     if schedule not in SCHEDULES or cfg.allocation != 'uniform':
         method = schedule if '+' in schedule else f"{schedule}+{cfg.allocation}"
         window = '' if parse_method(method)[0] == 'rigl' else f", start_epoch={cfg.start_epoch}, end_epoch={cfg.end_epoch}"
-        given = ''.join(f", {k}={v!r}" for k, v in (('context', cfg.context), ('criteria', cfg.criteria)) if v)
-        return f"build_callback({method.replace('+uniform', '')!r}, {cfg.sparsity:g}, learn.model{given}{window})"
+        given = {'context': cfg.context, 'criteria': cfg.criteria,
+                 'granularity': None if cfg.granularity == 'weight' else cfg.granularity}
+        given = ''.join(f", {k}={v!r}" for k, v in given.items() if v)
+        policy = '' if parse_method(method)[0] == 'rigl' else _policy_args(cfg)
+        return f"build_callback({method.replace('+uniform', '')!r}, {cfg.sparsity:g}, learn.model{given}{window}{policy})"
     context, criteria = cfg.context or DEFAULTS['context'], cfg.criteria or DEFAULTS['criteria']
     return (f"SparsifyCallback(sparsity={cfg.sparsity:g}, granularity={cfg.granularity!r}, context={context!r}, "
             f"criteria={criteria}, schedule={schedule}, start_epoch={cfg.start_epoch}"
             + (f", end_epoch={cfg.end_epoch}" if cfg.end_epoch else "")
-            + ''.join(f", {k}={v if v is None else format(v, 'g')}" for k, v in _policy(cfg).items())
+            + _policy_args(cfg)
             + (", coupled=True" if cfg.coupled else "") + (", compact=True" if cfg.compact else "") + ")")
 
 
@@ -446,6 +453,10 @@ def _policy(cfg: Config) -> dict:
     "The recompute options the command line set (the callback's defaults otherwise)."
     out = {} if cfg.max_lag is None else {'max_lag': None if cfg.max_lag == 'none' else cfg.max_lag}
     return out | ({} if cfg.frequency is None else {'frequency': cfg.frequency})
+
+
+def _policy_args(cfg: Config) -> str:
+    return ''.join(f", {k}={v if v is None else format(v, 'g')}" for k, v in _policy(cfg).items())
 
 
 def _criteria(cfg: Config):
@@ -623,6 +634,12 @@ def _busy_note(device: torch.device) -> None:
               "threads from spinning while they wait, which helps a lot here", flush=True)
 
 
+def _own_options(cfg: Config) -> str:
+    "The methods that prune with their own context and criteria (LAMP, RigL), for the run's description."
+    own = [s for s in cfg.schedules if s.startswith('rigl') or (s if '+' in s else f"{s}+{cfg.allocation}").endswith('+lamp')]
+    return f" ({', '.join(own)}: by their own, as each run's call shows)" if own else ''
+
+
 def describe(cfg: Config, data: Data, pretrained: bool) -> str:
     n_valid = int(len(data.files) * VALID_PCT)
     src = "scikit-learn's digits, 8x8 grayscale" if data.name == 'digits' else data.name
@@ -631,7 +648,7 @@ def describe(cfg: Config, data: Data, pretrained: bool) -> str:
             f"runs: dense, then {', '.join(cfg.schedules)}; {cfg.epochs} epochs each ({cfg.fit}, lr {cfg.lr:g}, "
             f"bs {cfg.bs}, seed {cfg.seed}, {'ImageNet weights' if pretrained else 'random init'}); pruning to "
             f"{cfg.sparsity:g}% {cfg.granularity}/{cfg.context or DEFAULTS['context']} by "
-            f"{cfg.criteria or DEFAULTS['criteria']} from epoch {cfg.start_epoch}"
+            f"{cfg.criteria or DEFAULTS['criteria']}{_own_options(cfg)} from epoch {cfg.start_epoch}"
             f"{f' to the end of epoch {cfg.end_epoch - 1}, then fine-tuning' if cfg.end_epoch and cfg.end_epoch < cfg.epochs else ''}\n"
             f"output folder: {cfg.out}")
 

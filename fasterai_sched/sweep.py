@@ -20,7 +20,7 @@ from .callback import SparsifyCallback
 from .criteria import CRITERIA
 from .rigl import RigLCallback
 from .schedules import SCHEDULES
-from .sparsifier import check_sparsity
+from .sparsifier import Sparsifier, check_sparsity
 
 __all__ = ['sweep_cnn', 'sweep_dls', 'METHOD_ALLOCATIONS', 'parse_method', 'method_options', 'build_callback', 'SweepConfig',
            'run_sweep', 'sweep_table', 'plot_sweep', 'SWEEP_METHODS', 'SWEEP', 'SWEEP_QUICK']
@@ -76,20 +76,19 @@ def method_options(method: str, context: str | None = None, criteria=None) -> tu
     an allocation (erk, dense_first) and RigL are local, LAMP is global and ranks by `lamp`. Raises when one given
     would not be used, naming it and what the method needs."""
     schedule, alloc = parse_method(method)
-    crit = CRITERIA.get(criteria, criteria) if isinstance(criteria, str) else criteria
+    if context is not None: Sparsifier.check_args(context)
+    crit = None if criteria is None else Sparsifier.check_args(criteria=lamp if criteria == 'lamp' else criteria)
     if alloc == 'uniform' and schedule != 'rigl': return context or 'local', crit or CRITERIA['large_final']
     need_context, need_crit = ('global', lamp) if alloc == 'lamp' else ('local', CRITERIA['large_final'])
-    fixed_crit = alloc == 'lamp' or schedule == 'rigl'
     why = ("LAMP ranks all layers' weights together by LAMP scores" if alloc == 'lamp' else
            "RigL drops each layer's smallest weights and grows by gradient" if schedule == 'rigl' else
            f"the {alloc} allocation gives each layer its own target")
     if context not in (None, need_context):
         raise ValueError(f"context={context!r} does not apply to method={method!r}: {why} (context={need_context!r}); "
                          "leave context unset")
-    if fixed_crit and crit not in (None, need_crit):
-        raise ValueError(f"criteria={getattr(crit, 'name', crit)!r} does not apply to method={method!r}: {why}; "
-                         "leave criteria unset")
-    return need_context, need_crit if fixed_crit or crit is None else crit
+    if (alloc == 'lamp' or schedule == 'rigl') and crit is not None and crit.name != need_crit.name:
+        raise ValueError(f"criteria={crit.name!r} does not apply to method={method!r}: {why}; leave criteria unset")
+    return need_context, crit or need_crit
 
 
 def build_callback(method: str, sparsity: float, model: nn.Module, criteria=None, granularity: str = 'weight',
@@ -103,8 +102,8 @@ def build_callback(method: str, sparsity: float, model: nn.Module, criteria=None
     check_sparsity(sparsity)
     context, crit = method_options(method, context, criteria)
     if schedule == 'rigl':
-        window = sorted(k for k in ('start_epoch', 'end_epoch') if k in kw)
-        if window: raise ValueError(f"{window[0]}={kw[window[0]]!r} does not apply to method={method!r}: RigL updates "
+        window = [(k, v) for k in ('start_epoch', 'end_epoch') if (v := kw.pop(k, None)) is not None]
+        if window: raise ValueError(f"{window[0][0]}={window[0][1]!r} does not apply to method={method!r}: RigL updates "
                                     "its connectivity over the whole fit (stop sets when it ends)")
         if granularity != 'weight': raise ValueError(f"granularity={granularity!r}: RigL moves single weights ('weight')")
         target = sparsity if alloc == 'uniform' else allocate(model, sparsity, alloc)

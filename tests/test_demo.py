@@ -124,6 +124,8 @@ BAD = [
     (['--schedules', 'agp', '--allocation', 'lamp', '--context', 'local'], '--context'),
     (['--schedules', 'one_shot,agp+lamp', '--criteria', 'taylor'], '--criteria'),
     (['--schedules', 'rigl', '--reduction', 'sum'], '--reduction'),
+    (['--schedules', 'rigl', '--allocation', 'lamp'], '--allocation'),
+    (['--schedules', 'agp,rigl', '--max-lag', '0.1'], '--max-lag'),
 ] + ([(['--device', 'cuda'], '--device')] if not torch.cuda.is_available() else [])
 
 

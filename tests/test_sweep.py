@@ -47,6 +47,26 @@ def test_build_callback_refuses_options_the_method_would_not_use(method, kw, mat
     # the method's own values are accepted when given
     assert build_callback('agp+lamp', 90, sweep_cnn(), context='global', criteria=lamp).context == 'global'
     assert build_callback('agp+erk', 90, sweep_cnn(), context='local', criteria='taylor').criteria.name == 'taylor'
+    assert build_callback('agp+lamp', 90, sweep_cnn(), criteria='lamp').criteria.name == 'lamp'
+    assert isinstance(build_callback('rigl', 90, sweep_cnn(), start_epoch=None, end_epoch=None), RigLCallback)
+
+
+@pytest.mark.parametrize('method', ['agp', 'agp+erk', 'agp+lamp', 'rigl'])
+def test_unknown_names_get_the_librarys_message_whatever_the_method(method):
+    with pytest.raises(ValueError, match=r"criteria='biggest' is not known; valid: \["):
+        build_callback(method, 90, sweep_cnn(), criteria='biggest')
+    with pytest.raises(ValueError, match="context='glob' is not allowed; use 'local' or 'global'"):
+        build_callback(method, 90, sweep_cnn(), context='glob')
+
+
+def test_the_printed_call_of_a_method_shows_what_it_was_given():
+    from fasterai_sched.demo import build_parser, make_config, callback_call
+    cfg = make_config(build_parser().parse_args(['--schedules', 'agp+erk', '--criteria', 'taylor', '--max-lag', '0.1']))
+    assert callback_call(cfg, 'agp+erk') == ("build_callback('agp+erk', 90, learn.model, criteria='taylor', start_epoch=1, "
+                                            "end_epoch=4, max_lag=0.1)")
+    cfg = make_config(build_parser().parse_args(['--schedules', 'agp+lamp', '--granularity', 'kernel']))
+    assert callback_call(cfg, 'agp+lamp') == ("build_callback('agp+lamp', 90, learn.model, granularity='kernel', "
+                                             "start_epoch=1, end_epoch=4)")
 
 
 def test_sweep_cnn_and_data():
