@@ -112,7 +112,7 @@ def test_cli_sweep_end_to_end(tmp_path):
     (['--sweep', '80,x'], '--sweep'), (['--sweep', '120'], '--sweep'), (['--sweep', ''], '--sweep'),
     (['--sweep', '90', '--arch', 'resnet34'], '--arch'), (['--sweep', '90', '--schedules', 'rigl+lamp'], '--schedules'),
     (['--sweep', '90', '--schedules', 'agp,agp'], '--schedules'), (['--seeds', '2'], '--seeds'),
-    (['--schedules', 'agp+wide'], '--schedules'), (['--schedules', 'rigl', '--max-lag', '0.1'], '--schedules'),
+    (['--schedules', 'agp+wide'], '--schedules'), (['--schedules', 'rigl', '--max-lag', '0.1'], '--max-lag'),
     (['--sweep', '90', '--max-lag', '0.1'], '--max-lag'),
 ])
 def test_sweep_usage_errors(args, option, capsys, tmp_path):
