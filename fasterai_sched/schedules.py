@@ -108,9 +108,15 @@ class Schedule:
                 + (f", start_val={self.start_val:g}, end_val={self.end_val:g})" if (self.start_val, self.end_val) != (0, 1) else ')'))
 
     def __call__(self, start: float, end: float, pos: float, **kwargs) -> float:
-        "The shape as a plain function over its own window: exactly `start` at `pos <= 0`."
+        """The shape as a plain function of `pos` in a window the caller gives (a callback's epochs replace
+        `start_pct`/`end_pct`), to `start_val`/`end_val` of the span: exactly `start` at `pos <= 0`."""
         if pos <= 0: return float(start)
-        return self.sched_func(start, end, pos, **kwargs)
+        return self._shape(start, end, pos, **kwargs)
+
+    def _shape(self, start: float, end: float, pos: float, **kwargs) -> float:
+        "The value at `pos` of the window, `start_val` to `end_val` of the way from `start` to `end`."
+        if (self.start_val, self.end_val) == (0, 1): return float(self.sched_func(start, end, float(pos), **kwargs))
+        return start + (end - start) * self.sched_func(self.start_val, self.end_val, float(pos), **kwargs)
 
     def __reduce__(self):
         "Picklable (learn.export) wherever sched_func is; the built-in schedules unpickle as themselves."
@@ -129,10 +135,7 @@ class Schedule:
     def at(self, start: float, end: float, pct: float, **kwargs) -> float:
         "Target sparsity once `pct` of training is done: `start` before the window, the shape inside, its end after."
         pos = self._pos(pct)
-        if pos is None: return float(start)
-        if (self.start_val, self.end_val) == (0, 1): return float(self.sched_func(start, end, float(pos), **kwargs))
-        frac = self.sched_func(self.start_val, self.end_val, float(pos), **kwargs)
-        return start + (end - start) * frac
+        return float(start) if pos is None else self._shape(start, end, pos, **kwargs)
 
     def progress(self, pct: float) -> float:
         "Fraction of the target reached once `pct` of training is done (fasterai's `progress`)."

@@ -151,3 +151,19 @@ def test_plot_one_schedule_on_given_axes():
     assert plot_schedules(agp, ax=ax) is ax and len(ax.get_lines()) == 1
     with pytest.raises(ValueError, match='start_epoch'): plot_schedules(agp, start_epoch=10, n_epoch=10)
     plt.close(fig)
+
+
+@pytest.mark.parametrize('window', [dict(), dict(start_epoch=0), dict(start_epoch=1, end_epoch=3)])
+def test_a_schedules_end_val_holds_whether_epochs_are_given_or_not(window):
+    "Schedule(..., end_val=0.5) prunes to half the target: alone, in a list, with or without the callback's epochs."
+    import contextlib, io, torch.nn as nn
+    from fasterai_sched import Schedule, SparsifyCallback
+    from issue6_helpers import fast_learner
+    half = Schedule(sched_lin, start_pct=0.5, end_pct=1, end_val=0.5)
+    for schedule in (half, [half]):
+        learn = fast_learner()
+        cb = SparsifyCallback(sparsity=80, schedule=schedule, verbose=False, **window)
+        with learn.no_bar(), learn.no_logging(), contextlib.redirect_stdout(io.StringIO()): learn.fit(4, 1e-3, cbs=cb)
+        convs = [m.weight for m in learn.model.modules() if isinstance(m, nn.Conv2d)]
+        assert cb.history[-1]['target'] == pytest.approx(40)
+        assert 100 * sum(int((w == 0).sum()) for w in convs) / sum(w.numel() for w in convs) == pytest.approx(40, abs=1)
