@@ -484,9 +484,11 @@ class SparsifyCallback(Callback):
         target = self._target(step)
         self.current_sparsity = target
         counts = self._counts(target)
-        if counts != self._current and self._due(step, counts, target):
+        # every `frequency` steps the units are ranked anew, even at the same counts (none pruned: nothing to rank)
+        rerank = self.frequency is not None and step % self.frequency == 0 and any(counts)
+        if (counts != self._current or rerank) and self._due(step, counts, target):
             ahead = self._lead(step, target)
-            self._update_masks(ahead, self._counts(ahead))
+            self._update_masks(ahead, self._counts(ahead), rerank)
         self._record(step, target)
 
     def after_cancel_step(self):
@@ -570,12 +572,15 @@ class SparsifyCallback(Callback):
         lead = [min(l + self.max_lag * s, h) if u else max(h - self.max_lag * s, l) for l, h, s, u in zip(lo, hi, spans, up)]
         return dict(zip(target, lead)) if isinstance(target, dict) else lead[0]
 
-    def _update_masks(self, target, counts):
-        if counts == self._current: self._mask_target = target; return  # the masks already hold this target
+    def _update_masks(self, target, counts, rerank: bool = False):
+        "New masks for `target`; at the counts the masks already hold, only to rank the units anew (`frequency`)."
+        changed = counts != self._current
+        if not (changed or rerank): self._mask_target = target; return  # the masks already hold this target
         sp = self.sparsifier
         opt = self.learn.opt  # an OptimWrapper keeps the torch optimizer's per-weight state in .opt
         sp.prune(target, optimizer=opt.opt if isinstance(opt, OptimWrapper) else opt)
         self._current, self._mask_target = counts, target
+        if not changed: return  # a new ranking at the same sparsity: no rewind, no ticket
         if self.lth and sp.rewind_weights:
             sp.rewind()
             self._print(f"Resetting Weights to their epoch {self.rewind_epoch} values")
