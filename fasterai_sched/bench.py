@@ -533,7 +533,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: torch's own); 1 avoids stalls when other jobs share the cores")
     p.add_argument('--n', type=int, default=100_000_000, help="'select': number of scores (default 100,000,000)")
     p.add_argument('--archs', default='resnet18,resnet50', help="'compact': torchvision models (default resnet18,resnet50)")
-    p.add_argument('--sparsity', type=float, default=50, help="'compact': percent of each coupled group's channels (default 50)")
+    p.add_argument('--sparsity', type=float, default=None, help="'compact': percent of each coupled group's channels (default 50)")
     p.add_argument('--round-to', default='none', help="'compact': comma-separated round_to values, 'none' for none (default none)")
     p.add_argument('--batch-sizes', default='1,32', help="'compact': comma-separated batch sizes (default 1,32)")
     p.add_argument('--runs', type=int, default=10, help="'compact': timed runs per model and batch size (default 10)")
@@ -542,19 +542,48 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# the options each command reads; given to another command, an option is an error rather than ignored
+_READS = {'train': {'mode', 'arch', 'size', 'bs', 'device', 'steps', 'epochs', 'repeats', 'variants', 'frequency',
+                    'max_lag', 'interleave', 'no_warmup'},
+          'select': {'n', 'device', 'repeats'},
+          'compact': {'archs', 'size', 'sparsity', 'round_to', 'batch_sizes', 'runs'}}
+
+
+def _check(args: argparse.Namespace, mode: str | None = None, variants=()) -> None:
+    "Raise (SystemExit, naming the option) for a value out of range or an option this command would not read."
+    defaults = vars(_parser().parse_args([args.what]))
+    reads = _READS[args.what] | {'what', 'threads', 'json', 'verbose'}
+    if mode: reads -= {'steps' if mode == 'fit' else 'epochs'}
+    unread = [k for k, v in vars(args).items() if k not in reads and v != defaults[k]]
+    if unread:
+        k = unread[0]
+        where = f"'{args.what}'" + (f" in mode '{mode}'" if mode else '')
+        raise SystemExit(f"--{k.replace('_', '-')}={getattr(args, k)!r} does not apply to {where}; it reads "
+                         + ', '.join(f"--{o.replace('_', '-')}" for o in sorted(reads - {'what'})))
+    for k in ('threads', 'n', 'repeats', 'runs', 'bs', 'steps', 'epochs', 'size'):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            raise SystemExit(f"--{k}={getattr(args, k)} must be at least 1")
+    if args.sparsity is not None and not 0 <= args.sparsity < 100:
+        raise SystemExit(f"--sparsity={args.sparsity:g} must be a percent in [0, 100)")
+    own = [v for v in variants if v in POLICY]
+    for k in ('frequency', 'max_lag'):
+        if getattr(args, k) is not None and own:
+            raise SystemExit(f"--{k.replace('_', '-')}={getattr(args, k)!r} does not apply to variant {own[0]!r}, "
+                             f"which has its own policy {POLICY[own[0]]}")
+
+
 def main(argv=None) -> dict:
     args = _parser().parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1: raise SystemExit(f"--threads={args.threads} must be at least 1")
-        torch.set_num_threads(args.threads)
+    _check(args)
+    if args.threads is not None: torch.set_num_threads(args.threads)
     if args.what == 'select':
-        res = run_select_bench(args.n, args.device, max(args.repeats, 1))
+        res = run_select_bench(args.n, args.device, args.repeats)
         print(json.dumps(res, indent=1) if args.json else format_select(res))
         return res
     if args.what == 'compact':
         log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.verbose else None
-        res = run_compact_bench([a.strip() for a in args.archs.split(',') if a.strip()], args.size or 224, args.sparsity,
-                                _round_tos(args.round_to), _batch_sizes(args.batch_sizes), runs=max(args.runs, 1), log=log)
+        res = run_compact_bench([a.strip() for a in args.archs.split(',') if a.strip()], args.size or 224, 50 if args.sparsity is None else args.sparsity,
+                                _round_tos(args.round_to), _batch_sizes(args.batch_sizes), runs=args.runs, log=log)
         print(json.dumps(res, indent=1) if args.json else format_compact(res))
         return res
     dev = pick_device(args.device)
@@ -563,6 +592,7 @@ def main(argv=None) -> dict:
     size = args.size or (224 if mode == 'step' else 32)
     if args.variants: variants = [v.strip() for v in args.variants.split(',') if v.strip()]
     else: variants = DEFAULT_VARIANTS + ['fasterai agp local', 'fasterai agp global', 'fasterai steady']
+    _check(args, mode, variants)
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.verbose else None
     res = run_train_bench(mode, arch, size, args.bs, args.device, args.steps, args.epochs, args.repeats, variants,
                           args.frequency, not args.no_warmup, log, args.interleave, args.max_lag)

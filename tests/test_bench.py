@@ -104,6 +104,22 @@ def test_bad_arguments():
     with pytest.raises(SystemExit, match='--threads=0 must be at least 1'): bench.main(['--threads', '0'])
 
 
+@pytest.mark.parametrize('args, match', [
+    (['select', '--sparsity', '50'], "--sparsity=50.0 does not apply to 'select'; it reads --device, --json, --n"),
+    (['train', '--sparsity', '50'], "--sparsity=50.0 does not apply to 'train'"),  # the train bench prunes to 90%
+    (['compact', '--device', 'cuda'], "--device='cuda' does not apply to 'compact'"),
+    (['train', '--mode', 'fit', '--steps', '5'], "--steps=5 does not apply to 'train' in mode 'fit'"),
+    (['train', '--mode', 'step', '--epochs', '5'], "--epochs=5 does not apply to 'train' in mode 'step'"),
+    (['select', '--repeats', '0'], '--repeats=0 must be at least 1'), (['compact', '--runs', '-3'], '--runs=-3 must be'),
+    (['train', '--bs', '0'], '--bs=0 must be at least 1'), (['compact', '--sparsity', '100'], r'--sparsity=100 must be'),
+    (['train', '--variants', 'dense,agp local (f=100)', '--max-lag', '0.2'],
+     r"--max-lag=0.2 does not apply to variant 'agp local \(f=100\)', which has its own policy"),
+])
+def test_an_option_the_command_would_not_read_or_out_of_range_is_refused(args, match):
+    "Before anything runs: nothing is ignored or clamped."
+    with pytest.raises(SystemExit, match=match): bench.main(args)
+
+
 def test_select_bench():
     res, text = run_main('select', '--n', '600000', '--device', 'cpu', '--repeats', '2')
     assert [r['method'] for r in res['rows']] == \
