@@ -1,6 +1,6 @@
 """The main job: the tutorial's experiment end to end, offline: dense training, then one run per schedule, compared."""
 from __future__ import annotations
-import argparse, atexit, copy, csv, os, random, shutil, socket, sys, tempfile, time
+import argparse, atexit, copy, csv, dataclasses, os, random, shutil, socket, sys, tempfile, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -283,6 +283,7 @@ class Config:
     coupled: bool = False
     compact: bool = False
     allocation: str = 'uniform'
+    rigl_delta: int | None = None  # RigL's steps between updates: about two an epoch, once the data is known
 
 
 def pruning_window(epochs: int, start: int | None = None, end: int | None = None) -> tuple[int, int]:
@@ -324,6 +325,9 @@ def make_config(args: argparse.Namespace) -> Config:
         if args.reduction and (method.endswith('+lamp') or method.startswith('rigl')):
             raise UsageError('--reduction', f"{args.reduction} does not apply to {s!r}: it ranks single weights by its own "
                              "scores; --reduction sets how the other methods' criteria score a unit")
+    if args.allocation != 'uniform' and all('+' in s for s in schedules):
+        raise UsageError('--allocation', f"{args.allocation} applies to the schedules named without '+'; "
+                         f"{', '.join(schedules)} name their own")
     dup = sorted({s for s in schedules if schedules.count(s) > 1})
     if dup: raise UsageError('--schedules', f"{dup[0]!r} is listed twice")
     try: check_sparsity(args.sparsity)
@@ -439,7 +443,8 @@ def callback_call(cfg: Config, schedule: str) -> str:
         given = {'context': cfg.context, 'criteria': cfg.criteria,
                  'granularity': None if cfg.granularity == 'weight' else cfg.granularity}
         given = ''.join(f", {k}={v!r}" for k, v in given.items() if v)
-        policy = '' if parse_method(method)[0] == 'rigl' else _policy_args(cfg)
+        rigl = parse_method(method)[0] == 'rigl'
+        policy = (f", delta={cfg.rigl_delta}" if cfg.rigl_delta else '') if rigl else _policy_args(cfg)
         return f"build_callback({method.replace('+uniform', '')!r}, {cfg.sparsity:g}, learn.model{given}{window}{policy})"
     context, criteria = cfg.context or DEFAULTS['context'], cfg.criteria or DEFAULTS['criteria']
     return (f"SparsifyCallback(sparsity={cfg.sparsity:g}, granularity={cfg.granularity!r}, context={context!r}, "
@@ -476,7 +481,7 @@ def make_callback(cfg: Config, schedule: str, model: nn.Module | None = None) ->
                              "use them with a plain schedule and --allocation uniform")
         if parse_method(method)[0] == 'rigl':
             if _policy(cfg): raise ValueError("rigl changes its masks every delta steps: --max-lag and --frequency do not apply")
-            kw = {}
+            kw = {} if cfg.rigl_delta is None else {'delta': cfg.rigl_delta}
         else: kw = dict(start_epoch=cfg.start_epoch, end_epoch=cfg.end_epoch, **_policy(cfg))
         return build_callback(method, cfg.sparsity, model, _criteria(cfg), cfg.granularity, cfg.context, **kw)
     context, criteria = method_options(schedule, cfg.context, _criteria(cfg))
@@ -707,6 +712,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_train = len(data.files) - int(len(data.files) * VALID_PCT)
         if cfg.bs > n_train: raise UsageError('--bs', f"{cfg.bs} is more than the {n_train} training images; "
                                                       f"use --bs {n_train} or less, or more images")
+        cfg = dataclasses.replace(cfg, rigl_delta=max(1, n_train // cfg.bs // 2))  # fastai drops a last partial batch
         pretrained = pretrained_weights(cfg)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

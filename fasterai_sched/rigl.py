@@ -42,7 +42,12 @@ class RigLCallback(SparsifyCallback):
         super().before_fit()
         if not self.active: return
         self.updates = []
-        self._stop_step = int(self.stop * self.learn.n_epoch * self.n_iter_fit)
+        total = self.learn.n_epoch * self.n_iter_fit
+        self._stop_step = int(self.stop * total)
+        if self.delta >= self._stop_step:  # before any step: a RigL that never moves a weight is static pruning
+            raise ValueError(f"delta={self.delta} leaves no connectivity update in this fit: updates come every "
+                             f"{self.delta} steps before stop={self.stop:g} of its {total} steps (step {self._stop_step}); "
+                             "use a smaller delta or a larger stop")
 
     def before_step(self):
         super().before_step()

@@ -125,6 +125,7 @@ BAD = [
     (['--schedules', 'one_shot,agp+lamp', '--criteria', 'taylor'], '--criteria'),
     (['--schedules', 'rigl', '--reduction', 'sum'], '--reduction'),
     (['--schedules', 'rigl', '--allocation', 'lamp'], '--allocation'),
+    (['--schedules', 'agp+erk,rigl+erk', '--allocation', 'lamp'], '--allocation'),
     (['--schedules', 'agp,rigl', '--max-lag', '0.1'], '--max-lag'),
 ] + ([(['--device', 'cuda'], '--device')] if not torch.cuda.is_available() else [])
 

@@ -216,6 +216,9 @@ ROWS = [
      'delta=0 must be a positive integer (steps between connectivity updates)'),
     ('drop_fraction', 'RigLCallback(sparsity=90, drop_fraction=0)', ValueError,
      'drop_fraction=0 must be a number in (0, 1]'),
+    ('delta', "learn.fit(1, cbs=RigLCallback(sparsity=50))", ValueError,
+     "delta=100 leaves no connectivity update in this fit: updates come every 100 steps before stop=0.75 of its 3 steps "
+     "(step 2); use a smaller delta or a larger stop"),
 ]
 
 

@@ -127,7 +127,7 @@ def test_main_job_runs_rigl_and_an_allocation(tmp_path):
                   '--schedules', 'rigl,agp+lamp', '--allocation', 'erk', '--sparsity', '80', '--seed', '0',
                   '--device', 'cpu', '--pretrained', 'no', '--out', str(tmp_path / 'out'))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "build_callback('rigl+erk', 80, learn.model)" in res.stdout
+    assert "build_callback('rigl+erk', 80, learn.model, delta=1)" in res.stdout  # two updates an epoch of 2 steps
     assert "build_callback('agp+lamp', 80, learn.model, start_epoch=1, end_epoch=2)" in res.stdout
     assert res.stdout.count('Final Sparsity: 80.00%') == 2
     assert re.search(r"^rigl\s+80\.00%", res.stdout, re.M) and re.search(r"^agp\+lamp\s+80\.00%", res.stdout, re.M)
