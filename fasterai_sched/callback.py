@@ -155,6 +155,12 @@ class SparsifyCallback(Callback):
         store_attr('sparsity,granularity,context,criteria,schedule,start_sparsity,start_epoch,end_epoch,lth,'
                    'rewind_epoch,reset_end,save_tickets,round_to,layer_type,verbose,max_lag,frequency,seed,nm,'
                    'coupled,compact')
+        if compact:  # known now: a run that ends dense would fail after its whole fit, with nothing to remove
+            ends = [window_target(schedule, start_sparsity, v, 1.) for v in
+                    (sparsity.values() if isinstance(sparsity, dict) else sparsity if isinstance(sparsity, list) else [sparsity])]
+            if not any(ends):
+                raise ValueError(f"compact=True: this schedule ends at 0% (sparsity={sparsity!r}, schedule="
+                                 f"{getattr(schedule, '__name__', schedule)!r}), so no channel would be left to remove")
         self.target_model, self.sparsifier, self.history, self._steps_in_epoch = model, None, [], 0
         self._own_window, self.current_sparsity = own_window, start_sparsity
         self.active, self._pending, self._saw_epoch, self._unmasked, self._run, self._prints = False, False, False, False, None, {}

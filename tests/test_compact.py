@@ -145,9 +145,13 @@ def test_compact_true_outputs_equal_the_masked_model_at_the_end_of_the_fit():
     (dict(granularity='filter', compact=True), ValueError, "compact=True needs coupled=True"),
     (dict(granularity='filter', coupled='yes'), TypeError, "coupled='yes' must be True or False"),
     (dict(granularity='filter', coupled=True, compact=True, model=nn.Linear(2, 2)), ValueError, "compact=True replaces learn.model"),
+    (dict(granularity='filter', coupled=True, compact=True, sparsity=0), ValueError,
+     r"compact=True: this schedule ends at 0% \(sparsity=0.0, schedule='one_shot'\)"),
+    (dict(granularity='filter', coupled=True, compact=True, schedule=__import__('fasterai_sched').dsd), ValueError,
+     "compact=True: this schedule ends at 0%"),
 ])
 def test_callback_structure_arguments_are_checked_when_built(kw, err, match):
-    with pytest.raises(err, match=match): SparsifyCallback(sparsity=50, **kw)
+    with pytest.raises(err, match=match): SparsifyCallback(**{'sparsity': 50, **kw})
 
 
 def test_coupled_callback_leaves_the_data_order_and_random_states_alone():
