@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Train a network dense, then sparsified once per schedule with the same number "
                 "of epochs, and compare: the fasterai schedules tutorial, offline, on scikit-learn's digits.",
                 formatter_class=_Help)
-    p.add_argument('--schedules', default=d['schedules'], help=f"comma-separated, from {', '.join(SCHEDULES)}, rigl; "
+    p.add_argument('--schedules', default=None, help=f"comma-separated, from {', '.join(SCHEDULES)}, rigl; "
                    f"'NAME+ALLOCATION' picks an allocation for one (agp+erk) [{d['schedules']}; --sweep {SWEEP_METHODS}]")
     p.add_argument('--sparsity', type=_number, default=d['sparsity'], help="final sparsity, percent")
     p.add_argument('--granularity', default=d['granularity'], help="weight, kernel, filter, channel or an N:M pattern")
@@ -222,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also recompute the masks every FREQUENCY steps [none]")
     p.add_argument('--arch', default=d['arch'], choices=arch_names(), metavar='NAME', help="resnet18, resnet34, xresnet18, ...")
     p.add_argument('--size', type=_int_at_least(1), default=None, help=f"images are resized to SIZE x SIZE pixels (digits are 8x8) [{d['size']}]")
-    p.add_argument('--bs', type=_int_at_least(1), default=d['bs'], help="batch size")
-    p.add_argument('--lr', type=_positive_float, default=d['lr'], help="learning rate (the peak, with --fit one_cycle)")
+    p.add_argument('--bs', type=_int_at_least(1), default=None, help=f"batch size [{d['bs']}; --sweep {SWEEP['bs']}]")
+    p.add_argument('--lr', type=_positive_float, default=None,
+                   help=f"learning rate (the peak, with --fit one_cycle) [{d['lr']:g}; --sweep {SWEEP['lr']:g}]")
     p.add_argument('--fit', default=d['fit'], choices=['one_cycle', 'fit'],
                    help="learn.fit_one_cycle or learn.fit (constant rate), the same for every run")
     p.add_argument('--data', default=d['data'], help="digits, pets (downloaded by fastai) or a folder of images labelled "
@@ -308,7 +309,7 @@ def make_config(args: argparse.Namespace) -> Config:
     start_epoch, end_epoch = pruning_window(epochs, start_epoch, end_epoch)
     if not start_epoch < end_epoch <= epochs:
         raise UsageError('--end-epoch', f"{end_epoch} must be after --start-epoch {start_epoch} and at most --epochs {epochs}")
-    schedules = [s.strip() for s in args.schedules.split(',') if s.strip()]
+    schedules = [s.strip() for s in (args.schedules or DEFAULTS['schedules']).split(',') if s.strip()]
     if not schedules: raise UsageError('--schedules', "give at least one schedule")
     for s in schedules:  # each method, and any option it would not use: errors before any run
         try: parse_method(s)
@@ -341,7 +342,7 @@ def make_config(args: argparse.Namespace) -> Config:
         raise UsageError('--coupled', f"prunes whole channels: it needs --granularity filter, not {args.granularity!r}")
     if compact and not coupled: raise UsageError('--compact', "needs --coupled: only coupled channels can be removed")
     return Config(schedules, float(args.sparsity), args.granularity, args.context, args.criteria, epochs, start_epoch,
-                  end_epoch, args.arch, size, args.bs, args.lr, args.fit, _device(args.device), _out_folder(args.out), args.seed,
+                  end_epoch, args.arch, size, pick('bs'), pick('lr'), args.fit, _device(args.device), _out_folder(args.out), args.seed,
                   max_images, args.pretrained, args.data, args.quick, args.max_lag, args.frequency, args.reduction,
                   coupled, compact, args.allocation)
 
@@ -674,7 +675,7 @@ def sweep_config(args: argparse.Namespace) -> SweepConfig:
     for x in sparsities:
         try: check_sparsity(x)
         except (TypeError, ValueError) as e: raise UsageError('--sweep', e) from e
-    spec = SWEEP_METHODS if args.schedules == DEFAULTS['schedules'] else args.schedules
+    spec = args.schedules or SWEEP_METHODS
     methods = [m.strip() if '+' in m else f"{m.strip()}+{args.allocation}".replace('+uniform', '')
                for m in spec.split(',') if m.strip()]
     if not methods: raise UsageError('--schedules', "give at least one schedule")
@@ -685,8 +686,7 @@ def sweep_config(args: argparse.Namespace) -> SweepConfig:
     base = SWEEP_QUICK if args.quick else SWEEP
     pick = lambda k: getattr(args, k) if getattr(args, k) is not None else base[k]
     return SweepConfig(sparsities, methods, epochs=pick('epochs'), seeds=pick('seeds'), seed=args.seed,
-                       lr=args.lr if args.lr != DEFAULTS['lr'] else base['lr'],
-                       bs=args.bs if args.bs != DEFAULTS['bs'] else base['bs'], device=str(_device(args.device)),
+                       lr=pick('lr'), bs=pick('bs'), device=str(_device(args.device)),
                        out=_out_folder(args.out))
 
 

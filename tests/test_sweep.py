@@ -131,3 +131,13 @@ def test_main_job_runs_rigl_and_an_allocation(tmp_path):
     assert "build_callback('agp+lamp', 80, learn.model, start_epoch=1, end_epoch=2)" in res.stdout
     assert res.stdout.count('Final Sparsity: 80.00%') == 2
     assert re.search(r"^rigl\s+80\.00%", res.stdout, re.M) and re.search(r"^agp\+lamp\s+80\.00%", res.stdout, re.M)
+
+
+def test_the_sweep_keeps_the_values_typed_even_when_they_equal_the_main_jobs_defaults():
+    "--bs 32 and --schedules one_shot,iterative,agp are the main job's defaults; typed after --sweep, they hold."
+    from fasterai_sched.demo import build_parser, sweep_config
+    cfg = sweep_config(build_parser().parse_args(['--sweep', '90', '--bs', '32', '--lr', '0.01',
+                                                  '--schedules', 'one_shot,iterative,agp']))
+    assert (cfg.bs, cfg.lr, cfg.methods) == (32, 0.01, ['one_shot', 'iterative', 'agp'])
+    cfg = sweep_config(build_parser().parse_args(['--sweep', '90']))
+    assert (cfg.bs, cfg.methods) == (64, SWEEP_METHODS.split(','))
