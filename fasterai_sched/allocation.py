@@ -10,13 +10,14 @@ from fractions import Fraction
 import torch, torch.nn as nn
 from .granularity import get_granularity
 from .criteria import Criteria
-from .sparsifier import check_sparsity, n_to_prune, unwrap_model
+from .sparsifier import Sparsifier, check_sparsity, n_to_prune, unwrap_model
 
 __all__ = ['ALLOCATIONS', 'allocate', 'uniform', 'uniform_dense_first', 'erk', 'layer_shapes', 'lamp']
 
 
 def layer_shapes(model: nn.Module, layer_type: type = nn.Conv2d) -> dict[str, tuple[int, ...]]:
     "The weight shape of each `layer_type` layer of `model`, in definition order (the layers a `Sparsifier` prunes)."
+    Sparsifier.check_args(layer_type=layer_type)
     model = unwrap_model(model)
     shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules()
               if isinstance(m, layer_type) and isinstance(getattr(m, 'weight', None), torch.Tensor)}

@@ -2,7 +2,7 @@
 from __future__ import annotations
 from typing import NamedTuple
 import torch, torch.nn as nn
-from .sparsifier import unwrap_model
+from .sparsifier import Sparsifier, unwrap_model
 
 __all__ = ['sparsity_report', 'ReportRow']
 
@@ -22,6 +22,7 @@ def _line(layer, typ, params, zeros, sparsity) -> str:
 @torch.no_grad()
 def sparsity_report(model: nn.Module, layer_type: type = nn.Conv2d, verbose: bool = True) -> list[ReportRow]:
     "Print each `layer_type` layer's weights, zeros and sparsity, then the overall line; return the rows, overall last."
+    Sparsifier.check_args(layer_type=layer_type)
     model, seen, layers = unwrap_model(model), set(), []
     for n, m in model.named_modules():
         w = getattr(m, 'weight', None)

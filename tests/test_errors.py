@@ -211,6 +211,8 @@ ROWS = [
      "sparsity=80 cannot be met with the first layer '0' dense: the other layers hold 576 of 792 units, fewer than the 633 to prune"),
     ('layer_type', 'allocate(net, 80, layer_type=nn.Conv1d)', ValueError,
      'layer_type=Conv1d: the model has no such layer with a weight'),
+    ('layer_type', "allocate(net, 80, layer_type='Conv2d')", TypeError,
+     "layer_type='Conv2d' must be an nn.Module subclass such as nn.Conv2d"),
     ('power', "erk({'a': (2, 2)}, 50, power=0)", ValueError, 'power=0 must be a positive number (1 is ERK)'),
     ('delta', 'RigLCallback(sparsity=90, delta=0)', ValueError,
      'delta=0 must be a positive integer (steps between connectivity updates)'),

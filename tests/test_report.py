@@ -105,3 +105,10 @@ def test_report_other_layer_type_and_unpruned_model(capsys):
 
 def test_report_without_layers_raises():
     with pytest.raises(ValueError, match='layer_type=Conv2d'): sparsity_report(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_a_layer_type_that_is_not_a_module_class_is_named():
+    import torch.nn as nn
+    from fasterai_sched import sparsity_report
+    with pytest.raises(TypeError, match="layer_type='Conv2d' must be an nn.Module subclass such as nn.Conv2d"):
+        sparsity_report(nn.Sequential(nn.Conv2d(3, 8, 3)), 'Conv2d')
