@@ -330,7 +330,7 @@ def test_issue13_variants_time_the_new_methods():
     assert isinstance(bench.make_callback('agp erk', model=model).sparsity, dict)
     assert bench.make_callback('acdc', model=model).schedule.__name__ == 'acdc'
     with pytest.raises(ValueError, match='needs the model'): bench.make_callback('rigl')
-    res = bench.run_train_bench('step', 'resnet18', 8, 2, 'cpu', steps=3, repeats=1, warmup=False,
+    res = bench.run_train_bench('step', 'resnet18', 8, 2, 'cpu', steps=15, repeats=1, warmup=False,
                                 variants=['dense', 'rigl', 'acdc', 'agp erk', 'agp lamp'])
     rows = {r['variant']: r for r in res['rows']}
     assert list(rows) == ['dense', 'rigl', 'acdc', 'agp erk', 'agp lamp']
