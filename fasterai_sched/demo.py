@@ -16,7 +16,8 @@ from .granularity import get_granularity
 from .report import sparsity_report
 from .schedules import SCHEDULES
 from .sparsifier import Sparsifier, check_sparsity
-from .sweep import METHOD_ALLOCATIONS, SWEEP, SWEEP_METHODS, SWEEP_QUICK, SweepConfig, build_callback, main_sweep, method_options, parse_method
+from .sweep import (METHOD_ALLOCATIONS, SWEEP, SWEEP_METHODS, SWEEP_QUICK, SweepConfig, build_callback, main_sweep,
+                    method_name, method_options, own_options, parse_method)
 
 __all__ = ['main', 'digits_folder', 'digits_dls', 'folder_dls', 'label_func', 'DEFAULTS', 'QUICK']
 
@@ -314,7 +315,7 @@ def make_config(args: argparse.Namespace) -> Config:
     for s in schedules:  # each method, and any option it would not use: errors before any run
         try: parse_method(s)
         except ValueError as e: raise UsageError('--schedules', f"{s!r} is not a schedule ({e})") from e
-        method = s if '+' in s or args.allocation == 'uniform' else f"{s}+{args.allocation}"
+        method = method_name(s, args.allocation)
         try: parse_method(method)
         except ValueError as e: raise UsageError('--allocation', f"{args.allocation} does not apply to {s!r} ({e})") from e
         for opt, value in (('--context', args.context), ('--criteria', args.criteria)):
@@ -323,7 +324,7 @@ def make_config(args: argparse.Namespace) -> Config:
         for opt, value in (('--max-lag', args.max_lag), ('--frequency', args.frequency)):
             if value is not None and method.startswith('rigl'):
                 raise UsageError(opt, f"{value} does not apply to {s!r}: RigL changes its masks every delta steps")
-        if args.reduction and (method.endswith('+lamp') or method.startswith('rigl')):
+        if args.reduction and own_options(method):
             raise UsageError('--reduction', f"{args.reduction} does not apply to {s!r}: it ranks single weights by its own "
                              "scores; --reduction sets how the other methods' criteria score a unit")
     if args.allocation != 'uniform' and all('+' in s for s in schedules):
@@ -439,14 +440,14 @@ def fit_call(cfg: Config, cb: str = '') -> str:
 
 def callback_call(cfg: Config, schedule: str) -> str:
     if schedule not in SCHEDULES or cfg.allocation != 'uniform':
-        method = schedule if '+' in schedule else f"{schedule}+{cfg.allocation}"
+        method = method_name(schedule, cfg.allocation)
         window = '' if parse_method(method)[0] == 'rigl' else f", start_epoch={cfg.start_epoch}, end_epoch={cfg.end_epoch}"
         given = {'context': cfg.context, 'criteria': cfg.criteria,
                  'granularity': None if cfg.granularity == 'weight' else cfg.granularity}
         given = ''.join(f", {k}={v!r}" for k, v in given.items() if v)
         rigl = parse_method(method)[0] == 'rigl'
         policy = (f", delta={cfg.rigl_delta}" if cfg.rigl_delta else '') if rigl else _policy_args(cfg)
-        return f"build_callback({method.replace('+uniform', '')!r}, {cfg.sparsity:g}, learn.model{given}{window}{policy})"
+        return f"build_callback({method!r}, {cfg.sparsity:g}, learn.model{given}{window}{policy})"
     context, criteria = cfg.context or DEFAULTS['context'], cfg.criteria or DEFAULTS['criteria']
     return (f"SparsifyCallback(sparsity={cfg.sparsity:g}, granularity={cfg.granularity!r}, context={context!r}, "
             f"criteria={criteria}, schedule={schedule}, start_epoch={cfg.start_epoch}"
@@ -476,7 +477,7 @@ def _criteria(cfg: Config):
 
 def make_callback(cfg: Config, schedule: str, model: nn.Module | None = None) -> SparsifyCallback:
     if schedule not in SCHEDULES or cfg.allocation != 'uniform':  # rigl, or an allocation: needs the model's layers
-        method = schedule if '+' in schedule else f"{schedule}+{cfg.allocation}"
+        method = method_name(schedule, cfg.allocation)
         if cfg.coupled or cfg.compact:
             raise ValueError(f"--coupled and --compact prune whole channels; {method} allocates weights per layer: "
                              "use them with a plain schedule and --allocation uniform")
@@ -642,7 +643,7 @@ def _busy_note(device: torch.device) -> None:
 
 def _own_options(cfg: Config) -> str:
     "The methods that prune with their own context and criteria (LAMP, RigL), for the run's description."
-    own = [s for s in cfg.schedules if s.startswith('rigl') or (s if '+' in s else f"{s}+{cfg.allocation}").endswith('+lamp')]
+    own = [s for s in cfg.schedules if own_options(method_name(s, cfg.allocation))]
     return f" ({', '.join(own)}: by their own, as each run's call shows)" if own else ''
 
 
@@ -676,8 +677,7 @@ def sweep_config(args: argparse.Namespace) -> SweepConfig:
         try: check_sparsity(x)
         except (TypeError, ValueError) as e: raise UsageError('--sweep', e) from e
     spec = args.schedules or SWEEP_METHODS
-    methods = [m.strip() if '+' in m else f"{m.strip()}+{args.allocation}".replace('+uniform', '')
-               for m in spec.split(',') if m.strip()]
+    methods = [method_name(m.strip(), args.allocation) for m in spec.split(',') if m.strip()]
     if not methods: raise UsageError('--schedules', "give at least one schedule")
     for m in methods:
         try: parse_method(m)

@@ -22,7 +22,7 @@ from .rigl import RigLCallback
 from .schedules import SCHEDULES
 from .sparsifier import Sparsifier, check_sparsity
 
-__all__ = ['sweep_cnn', 'sweep_dls', 'METHOD_ALLOCATIONS', 'parse_method', 'method_options', 'build_callback', 'SweepConfig',
+__all__ = ['sweep_cnn', 'sweep_dls', 'METHOD_ALLOCATIONS', 'parse_method', 'method_name', 'own_options', 'method_options', 'build_callback', 'SweepConfig',
            'run_sweep', 'sweep_table', 'plot_sweep', 'SWEEP_METHODS', 'SWEEP', 'SWEEP_QUICK']
 
 METHOD_ALLOCATIONS = ['uniform', *[a for a in ALLOCATIONS if a != 'uniform'], 'lamp']
@@ -71,6 +71,17 @@ def parse_method(method: str) -> tuple[str, str]:
     return schedule, alloc
 
 
+def method_name(schedule: str, allocation: str = 'uniform') -> str:
+    "The method a schedule name stands for with `allocation`: 'agp' with 'erk' is 'agp+erk'; a name with '+' keeps its own."
+    return schedule if '+' in schedule or allocation == 'uniform' else f"{schedule}+{allocation}"
+
+
+def own_options(method: str) -> bool:
+    "Whether `method` prunes with its own context and criteria (LAMP, RigL), so that ones given would not be used."
+    schedule, alloc = parse_method(method)
+    return alloc == 'lamp' or schedule == 'rigl'
+
+
 def method_options(method: str, context: str | None = None, criteria=None) -> tuple[str, object]:
     """The context and criteria `method` prunes with: 'uniform' takes the ones given (local, large_final when None);
     an allocation (erk, dense_first) and RigL are local, LAMP is global and ranks by `lamp`. Raises when one given
@@ -86,7 +97,7 @@ def method_options(method: str, context: str | None = None, criteria=None) -> tu
     if context not in (None, need_context):
         raise ValueError(f"context={context!r} does not apply to method={method!r}: {why} (context={need_context!r}); "
                          "leave context unset")
-    if (alloc == 'lamp' or schedule == 'rigl') and crit is not None and crit.name != need_crit.name:
+    if own_options(method) and crit is not None and crit.name != need_crit.name:
         raise ValueError(f"criteria={crit.name!r} does not apply to method={method!r}: {why}; leave criteria unset")
     return need_context, crit or need_crit
 

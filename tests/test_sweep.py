@@ -17,6 +17,14 @@ def test_parse_method():
     with pytest.raises(TypeError, match='method=3'): parse_method(3)
 
 
+def test_method_name_and_own_options():
+    from fasterai_sched.sweep import method_name, own_options
+    assert method_name('agp', 'erk') == 'agp+erk' and method_name('agp', 'uniform') == 'agp'
+    assert method_name('rigl+erk', 'lamp') == 'rigl+erk' and method_name('rigl') == 'rigl'
+    assert [own_options(m) for m in ('agp', 'agp+erk', 'agp+lamp', 'rigl', 'rigl+erk')] == [False, False, True, True, True]
+    with pytest.raises(ValueError, match="'steep' is not a schedule"): own_options('steep')
+
+
 def test_build_callback_per_method():
     model = sweep_cnn()
     cb = build_callback('agp', 90, model, start_epoch=1)
